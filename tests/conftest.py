@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import os
+
+# No model hub anywhere: everything is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+
+from tests.models import make_pair
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny untied Llama base/aligned pair (4 layers), built once per session."""
+    return make_pair(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def gemma_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Gemma pair: tied input/output embeddings."""
+    return make_pair(tmp_path_factory.mktemp("gemma"), "gemma")

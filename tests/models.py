@@ -1,0 +1,51 @@
+"""Tiny real models built from transformers configs and saved as safetensors (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+#: model_type -> config fields of a tiny random model of that family (4 decoder layers).
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_COMMON, tie_word_embeddings=False),
+    "mistral": dict(_COMMON),
+    "qwen2": dict(_COMMON),
+    "gemma": dict(_COMMON, head_dim=8),  # ties its embeddings
+    "gpt2": dict(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                 bos_token_id=0, eos_token_id=0),  # ties its embeddings
+    "gpt_neox": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, max_position_embeddings=64),
+    "phi": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, max_position_embeddings=64),
+}
+
+
+def make_tiny(path: Path, model_type: str = "llama", *, seed: int = 0,
+              max_shard_size: str | int | None = None, dtype: torch.dtype = torch.float32,
+              **overrides) -> Path:
+    """Build a random tiny ``model_type`` model with ``seed`` and save it to ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    # Random init leaves norms at 1 and biases at 0; perturb all so every tensor differs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def make_pair(root: Path, model_type: str = "llama", **kwargs) -> tuple[Path, Path]:
+    """A base and an aligned model of the same architecture, different weights."""
+    return (make_tiny(root / "base", model_type, seed=0, **kwargs),
+            make_tiny(root / "aligned", model_type, seed=1, **kwargs))
