@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import parse_size
+
+
+def hmaopt(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_merge_end_to_end(tmp_path, llama_pair):
+    base, aligned = llama_pair
+    out = tmp_path / "merged"
+    proc = hmaopt("merge", "--base", str(base), "--aligned", str(aligned), "--groups", "blocks:2",
+                  "--ratios", "0.2,0.6", "--out", str(out), "--max-shard-size", "40KB")
+    assert proc.returncode == 0, proc.stderr
+    assert "block0=0.2, block1=0.6" in proc.stdout and str(out) in proc.stdout
+    manifest = json.loads((out / "hma_manifest.json").read_text())
+    assert manifest["ratios"] == {"block0": 0.2, "block1": 0.6}
+    assert len(manifest["shards"]) > 1
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--groups", "blocks:2", "--ratios", "0.2"], 2, "ratios: groups blocks:2 on 4 layers takes 2 ratio(s) (block0, block1), got 1"),
+    (["--groups", "blocks:2", "--ratios", "0.2,1.3"], 2, "ratio for block1 is 1.3, outside [0.0, 1.0]"),
+    (["--groups", "uniform", "--ratios", "abc"], 2, "ratios must be comma-separated numbers"),
+    (["--groups", "blocks:9", "--ratios", "0.2"], 2, "k=9 blocks but the model has 4 layers"),
+    (["--groups", "cubes", "--ratios", "0.2"], 2, "groups"),
+    (["--groups", "uniform", "--ratios", "0.5", "--max-shard-size", "huge"], 2, "not a size"),
+])
+def test_bad_arguments_get_clear_errors(tmp_path, llama_pair, args, code, message):
+    base, aligned = llama_pair
+    proc = hmaopt("merge", "--base", str(base), "--aligned", str(aligned), "--out",
+                  str(tmp_path / "o"), *args)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_extrapolation_must_be_asked_for(tmp_path, llama_pair):
+    base, aligned = llama_pair
+    proc = hmaopt("merge", "--base", str(base), "--aligned", str(aligned), "--groups", "uniform",
+                  "--ratios", "1.2", "--out", str(tmp_path / "o"), "--allow-extrapolation")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_missing_files_and_pickle(tmp_path, llama_pair):
+    base, _ = llama_pair
+    proc = hmaopt("merge", "--base", str(base), "--aligned", str(tmp_path / "nowhere"),
+                  "--ratios", "0.5", "--groups", "uniform", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 3 and "nowhere does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    pkl = tmp_path / "pkl"
+    pkl.mkdir()
+    (pkl / "config.json").write_text((base / "config.json").read_text())
+    (pkl / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    proc = hmaopt("merge", "--base", str(base), "--aligned", str(pkl), "--ratios", "0.5",
+                  "--groups", "uniform", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 7 and "pickle" in proc.stderr and "--allow-pickle" in proc.stderr
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5_000_000_000
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1000") == 1000
+    with pytest.raises(Exception):
+        parse_size("-3MB")
+
+
+def test_control_plane_imports_no_torch():
+    code = "import sys, service.cli, service.spec, service.settings, service.errors; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
