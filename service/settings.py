@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_shard_bytes: int = Field(
         DEFAULT_MAX_SHARD_BYTES, gt=0, description="Maximum bytes per exported shard."
     )
-    log_level: str = Field("INFO", description="Logging level of the hmaopt entry points.")
+    log_level: str = Field("WARNING", description="Logging level of the hmaopt entry points.")
 
 
 @lru_cache(maxsize=1)

@@ -49,3 +49,11 @@ def make_pair(root: Path, model_type: str = "llama", **kwargs) -> tuple[Path, Pa
     """A base and an aligned model of the same architecture, different weights."""
     return (make_tiny(root / "base", model_type, seed=0, **kwargs),
             make_tiny(root / "aligned", model_type, seed=1, **kwargs))
+
+
+if __name__ == "__main__":  # python -m tests.models DIR: a demo pair (6-layer Llama)
+    import sys
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "demo/models")
+    make_pair(root, "llama", num_hidden_layers=6, tie_word_embeddings=False)
+    print(f"built {root / 'base'} and {root / 'aligned'}")
