@@ -113,3 +113,153 @@ def spec_error_from_validation(exc: ValidationError, *, prefix: str = "") -> Spe
     if "input" in err and err.get("type") in ("literal_error", "enum"):
         msg = f"{msg} (got {err['input']!r})"
     return SpecError(msg, field=field)
+
+
+# --------------------------------------------------------------------------- job spec
+
+RewardType = Literal["reward_model", "preference", "python"]
+TaxType = Literal["multiple_choice", "exact_match", "perplexity"]
+SamplerName = Literal["tpe", "gp", "cmaes", "nsga2", "random"]
+
+
+class RewardSpec(BaseModel):
+    """How the alignment reward of a merged model is measured (higher is better)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: RewardType
+    model: str | None = Field(None, description="reward_model: sequence-classification model folder")
+    prompts: str | None = Field(None, description="reward_model: JSONL of {prompt}")
+    data: str | None = Field(None, description="preference: JSONL of {prompt, chosen, rejected}")
+    function: str | None = Field(None, description="python: 'module:function'")
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> RewardSpec:
+        need = {"reward_model": ("model", "prompts"), "preference": ("data",), "python": ("function",)}
+        for f in need[self.type]:
+            if getattr(self, f) is None:
+                raise ValueError(f"reward type {self.type} needs {f}")
+        if self.type == "python" and ":" not in (self.function or ""):
+            raise ValueError("function must be 'module:function'")
+        return self
+
+
+class TaxTask(BaseModel):
+    """One ability whose loss counts toward the alignment tax."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    type: TaxType
+    data: str
+    weight: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="exact_match: tokens generated")
+    batch_size: int = Field(16, ge=1)
+
+
+class TaxSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budget: float = Field(ge=0, description="largest allowed tax (weighted relative degradation)")
+    tasks: list[TaxTask] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> TaxSpec:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class SearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sampler: SamplerName = "tpe"
+    n_trials: int = Field(48, ge=1, le=100_000)
+    seed: int = 0
+    pruning: bool = True
+    holdout_fraction: float = Field(0.3, ge=0, lt=1)
+    uniform_grid: list[float] | None = Field(
+        None, description="ratios of the vanilla-averaging baseline (default 0, 0.1, ..., 1)")
+
+
+class ExportSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str
+
+
+class JobSpec(BaseModel):
+    """One merge-search job: the CLI file, the REST body and the worker input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    base_model: str = Field(description="pre-RLHF checkpoint folder (ratio 0)")
+    aligned_model: str = Field(description="post-RLHF checkpoint folder (ratio 1)")
+    groups: GroupSpec = GroupSpec()
+    ratio_bounds: tuple[float, float] = (0.0, 1.0)
+    mean_ratio: float | None = Field(None, description="paper constraint: mean of the ratios")
+    reward: RewardSpec
+    tax: TaxSpec
+    search: SearchSpec = SearchSpec()
+    mode: Literal["constrained", "pareto"] = "constrained"
+    export: ExportSpec | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> JobSpec:
+        lo, hi = self.ratio_bounds
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"ratio_bounds must satisfy 0 <= low < high <= 1, got [{lo}, {hi}]")
+        if self.mean_ratio is not None and not lo <= self.mean_ratio <= hi:
+            raise ValueError(f"mean_ratio {self.mean_ratio} is outside ratio_bounds [{lo}, {hi}]")
+        return self
+
+    def paths(self) -> dict[str, str]:
+        """Every file or folder the job reads, by field name."""
+        out = {"base_model": self.base_model, "aligned_model": self.aligned_model}
+        for f in ("model", "prompts", "data"):
+            if getattr(self.reward, f):
+                out[f"reward.{f}"] = getattr(self.reward, f)
+        for i, t in enumerate(self.tax.tasks):
+            out[f"tax.tasks.{i}.data"] = t.data
+        return out
+
+    def with_paths(self, resolve) -> JobSpec:
+        """A copy with every input path passed through ``resolve(field, path)``."""
+        data = self.model_dump()
+        for field, path in self.paths().items():
+            node = data
+            *parents, leaf = field.split(".")
+            for p in parents:
+                node = node[int(p)] if p.isdigit() else node[p]
+            node[leaf] = resolve(field, path)
+        return JobSpec.model_validate(data)
+
+
+def load_spec(path) -> JobSpec:
+    """Read a YAML or JSON job spec; relative paths resolve against the spec's folder."""
+    from pathlib import Path
+
+    import yaml
+
+    from service.errors import NotFoundError
+
+    file = Path(path)
+    if not file.is_file():
+        raise NotFoundError(f"job spec {file} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read {file}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{file} must hold a mapping of job fields")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise spec_error_from_validation(exc) from exc
+    folder = file.parent.resolve()
+    return spec.with_paths(lambda _f, p: str(p if Path(p).is_absolute() else folder / p))

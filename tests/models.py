@@ -51,6 +51,17 @@ def make_pair(root: Path, model_type: str = "llama", **kwargs) -> tuple[Path, Pa
             make_tiny(root / "aligned", model_type, seed=1, **kwargs))
 
 
+def make_char_lm(path: Path, *, seed: int = 0, model_type: str = "llama") -> Path:
+    """A tiny random causal LM with the character tokenizer saved beside it."""
+    from workers.chartok import char_tokenizer
+
+    tok = char_tokenizer()
+    make_tiny(path, model_type, seed=seed, vocab_size=len(tok), pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+    tok.save_pretrained(path)
+    return path
+
+
 if __name__ == "__main__":  # python -m tests.models DIR: a demo pair (6-layer Llama)
     import sys
 

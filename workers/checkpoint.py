@@ -202,16 +202,18 @@ def check_compatible(base: Checkpoint, aligned: Checkpoint, *, max_listed: int =
         )
 
 
-def sha256_files(files: Iterable[Path], chunk: int = 1 << 20) -> dict[str, str]:
-    """sha256 of each file, streamed in ``chunk``-byte pieces; keys are file names."""
-    out: dict[str, str] = {}
-    for file in files:
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        out[file.name] = h.hexdigest()
-    return out
+def sha256_file(file: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of one file, streamed in ``chunk``-byte pieces."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(files: Iterable[Path]) -> dict[str, str]:
+    """sha256 of each file; keys are file names."""
+    return {file.name: sha256_file(file) for file in files}
 
 
 # --------------------------------------------------------------------------- writing

@@ -1,0 +1,118 @@
+"""Batched language-model primitives shared by the evaluators.
+
+- :func:`continuation_logprobs`: sum of log-probabilities of a continuation given a context
+  (contexts are encoded with the tokenizer's special tokens, continuations without, then
+  concatenated, as lm-evaluation-harness does), right padding, one forward pass per batch.
+- :func:`greedy_generate`: greedy decoding with left padding and a fixed ``max_new_tokens``;
+  the chat template is applied when the tokenizer has one.
+
+Both run under ``torch.inference_mode`` on the model's device and are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+#: Called between batches; raising from it (e.g. a cancel) stops the evaluation there.
+BatchHook = Callable[[], None] | None
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    on_batch: BatchHook = None,
+) -> list[tuple[float, int]]:
+    """(sum log p(continuation | context), number of continuation tokens) per pair."""
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    encoded = []
+    for context, continuation in pairs:
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not ctx:  # score the first token too: condition on BOS/EOS when there is no context
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad]
+        encoded.append((ctx, cont))
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(encoded), batch_size):
+        if on_batch is not None:
+            on_batch()
+        batch = encoded[start:start + batch_size]
+        seqs = [ctx + cont for ctx, cont in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for i, (ctx, cont) in enumerate(batch):
+            if not cont:
+                results.append((0.0, 0))
+                continue
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+            picked = logprobs[i, positions, torch.tensor(cont)]
+            results.append((float(picked.sum()), len(cont)))
+    return results
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The prompt through the tokenizer's chat template when it has one, else unchanged."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    chat: bool = True,
+    on_batch: BatchHook = None,
+) -> list[str]:
+    """Greedy completions (the new text only) of ``prompts``, left-padded, in batches."""
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    texts = [format_prompt(tokenizer, p) if chat else p for p in prompts]
+    out: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        if on_batch is not None:
+            on_batch()
+        batch = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts[start:start + batch_size]]
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(batch):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:].cpu().tolist():
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
