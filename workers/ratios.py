@@ -1,0 +1,74 @@
+"""Ratio-vector parametrisations for the search.
+
+Free ratios: one Optuna parameter per slot, ``ratio_<i>``, within ``ratio_bounds``.
+
+The paper's constraint (``mean_ratio``: the mean of the ratios is fixed) is built into the
+parametrisation: the sampler proposes free weights ``w_<i>`` in the bounds, and the ratio
+vector is their Euclidean projection onto {r : mean(r) = m, low <= r_i <= high}, i.e.
+``r_i = clip(w_i + t, low, high)`` with the shift ``t`` that makes the mean exactly ``m``.
+Every proposal is therefore feasible for the constraint, and a proposal that already
+satisfies it is kept unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def project_mean(weights: Sequence[float], mean: float, low: float, high: float) -> list[float]:
+    """Project ``weights`` onto {mean(r) = ``mean``, low <= r_i <= high} (bisection on the shift)."""
+    if not low <= mean <= high:
+        raise ValueError(f"mean {mean} outside [{low}, {high}]")
+    n = len(weights)
+
+    def mean_at(t: float) -> float:
+        return sum(min(high, max(low, w + t)) for w in weights) / n
+
+    lo_t, hi_t = low - max(weights), high - min(weights)  # mean_at(lo_t) = low, mean_at(hi_t) = high
+    for _ in range(100):
+        mid = (lo_t + hi_t) / 2
+        if mean_at(mid) < mean:
+            lo_t = mid
+        else:
+            hi_t = mid
+    t = (lo_t + hi_t) / 2
+    ratios = [min(high, max(low, w + t)) for w in weights]
+    # remove the bisection's last rounding error on an unclipped coordinate
+    error = mean * n - sum(ratios)
+    free = [i for i, r in enumerate(ratios) if low < r < high]
+    if free:
+        ratios[free[0]] = min(high, max(low, ratios[free[0]] + error))
+    return ratios
+
+
+class RatioSpace:
+    """Turns an Optuna trial into a ratio vector, and a uniform ratio into enqueued params."""
+
+    def __init__(self, slots: Sequence[str], bounds: tuple[float, float], mean_ratio: float | None):
+        self.slots = tuple(slots)
+        self.low, self.high = bounds
+        self.mean_ratio = mean_ratio
+        self.prefix = "ratio" if mean_ratio is None else "w"
+
+    def param_names(self) -> list[str]:
+        return [f"{self.prefix}_{i}" for i in range(len(self.slots))]
+
+    def suggest(self, trial) -> list[float]:
+        values = [trial.suggest_float(name, self.low, self.high) for name in self.param_names()]
+        return self.from_params(values)
+
+    def from_params(self, values: Sequence[float]) -> list[float]:
+        if self.mean_ratio is None:
+            return list(values)
+        return project_mean(values, self.mean_ratio, self.low, self.high)
+
+    def uniform_params(self, ratio: float) -> dict[str, float]:
+        """Params that give every slot ``ratio`` (for enqueueing the vanilla-averaging baseline)."""
+        return dict.fromkeys(self.param_names(), ratio)
+
+    def uniform_grid(self, grid: Sequence[float] | None) -> list[float]:
+        """The baseline's uniform ratios, inside the bounds (only the mean under mean_ratio)."""
+        if self.mean_ratio is not None:
+            return [self.mean_ratio]
+        points = grid if grid is not None else [i / 10 for i in range(11)]
+        return sorted({round(p, 10) for p in points if self.low <= p <= self.high})
