@@ -89,7 +89,9 @@ class LiveMerger:
                 raise MergeError(f"no group rule for tensor {name}")
             self.entries.append(_Entry(
                 name, live, live.detach().clone(),
-                aligned.detach().to(device=live.device, dtype=live.dtype, copy=True),
+                # no copy when already on the device in the right dtype: the aligned model
+                # is dropped after loading, so its storage becomes ours
+                aligned.detach().to(device=live.device, dtype=live.dtype),
             ))
         self.ratios: tuple[float, ...] | None = None
 
