@@ -89,9 +89,7 @@ class LiveMerger:
                 raise MergeError(f"no group rule for tensor {name}")
             self.entries.append(_Entry(
                 name, live, live.detach().clone(),
-                # no copy when already on the device in the right dtype: the aligned model
-                # is dropped after loading, so its storage becomes ours
-                aligned.detach().to(device=live.device, dtype=live.dtype),
+                aligned.detach().to(device=live.device, dtype=live.dtype, copy=True),
             ))
         self.ratios: tuple[float, ...] | None = None
 
