@@ -89,6 +89,8 @@ class LiveMerger:
                 raise MergeError(f"no group rule for tensor {name}")
             self.entries.append(_Entry(
                 name, live, live.detach().clone(),
+                # always a private copy: on CPU transformers memory-maps the checkpoint, and
+                # a file rewritten in place must not change (or SIGBUS) a running search
                 aligned.detach().to(device=live.device, dtype=live.dtype, copy=True),
             ))
         self.ratios: tuple[float, ...] | None = None
