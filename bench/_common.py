@@ -13,7 +13,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+# torch and transformers are imported inside the functions that need them, so a parent
+# process that only starts children (bench_export.py) stays small: a child's ru_maxrss
+# starts from the RSS of the process it was forked from.
 
 
 def llama_config(*, hidden: int, intermediate: int, layers: int, vocab: int, heads: int,
@@ -29,15 +31,17 @@ def llama_config(*, hidden: int, intermediate: int, layers: int, vocab: int, hea
     )
 
 
-def build_llama(path: Path, config, *, seed: int, dtype: torch.dtype = torch.float32) -> Path:
+def build_llama(path: Path, config, *, seed: int, dtype=None) -> Path:
     """Build a random Llama from ``config`` with ``seed`` and save it as safetensors in ``path``.
 
     Every tensor is perturbed (random init leaves norms at 1), so base and aligned built with
     different seeds differ everywhere. Reuses ``path`` when it already holds this config.
     """
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    dtype = dtype or torch.float32
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     stamp = path / "bench_config.json"
@@ -56,15 +60,26 @@ def build_llama(path: Path, config, *, seed: int, dtype: torch.dtype = torch.flo
     return path
 
 
+def llama_param_count(*, hidden: int, intermediate: int, layers: int, vocab: int, heads: int,
+                      kv_heads: int | None = None, head_dim: int | None = None) -> int:
+    """Parameters of an untied Llama of this shape (matches the saved checkpoint)."""
+    head_dim = head_dim or hidden // heads
+    kv_heads = kv_heads or heads
+    per_layer = (2 * hidden * heads * head_dim        # q, o
+                 + 2 * hidden * kv_heads * head_dim   # k, v
+                 + 3 * hidden * intermediate          # gate, up, down
+                 + 2 * hidden)                        # two RMSNorms
+    return layers * per_layer + 2 * vocab * hidden + hidden  # embed, lm_head, final norm
+
+
 def count_params(config) -> int:
-    """Parameters of an untied Llama with this config (matches the saved checkpoint)."""
-    h, i, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q = h * config.num_attention_heads * head_dim
-    kv = 2 * h * config.num_key_value_heads * head_dim
-    o = config.num_attention_heads * head_dim * h
-    per_layer = q + kv + o + 3 * h * i + 2 * h
-    return n * per_layer + 2 * v * h + h
+    """Parameters of an untied Llama with this transformers config."""
+    return llama_param_count(
+        hidden=config.hidden_size, intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers, vocab=config.vocab_size,
+        heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None),
+    )
 
 
 def cpu_model() -> str:
@@ -77,7 +92,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(device: torch.device | None = None) -> dict:
+def machine_info(device=None, *, with_torch: bool = True) -> dict:
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -88,16 +103,37 @@ def machine_info(device: torch.device | None = None) -> dict:
     info = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "code": code_version(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "mem_total_bytes": mem,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    if with_torch:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
     if device is not None and device.type == "cuda":
+        import torch
+
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def code_version() -> str:
+    """``git`` HEAD of the repository (short), plus ``+dirty`` when workers/ or service/ differ."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "workers", "service"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def human_bytes(n: float) -> str:

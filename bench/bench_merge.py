@@ -7,8 +7,19 @@ k=3))`` and times, each as the median over ``--repeats`` timed runs after ``--wa
 - ``merge``: ``merger.apply(ratios)`` with a fresh random ratio vector each run. It reads base
   and aligned and writes the live tensors: 3 x ``merger.nbytes`` bytes per apply.
 - ``copy (same tensors)``: ``e.live.copy_(e.base)`` for every entry: 2 x ``merger.nbytes``.
+- ``copy (per entry into fresh tensors)``: the same copies into freshly allocated (64-byte
+  aligned) tensors of the same shapes, for reference.
 - ``copy (one big tensor)`` and ``lerp (one big tensor)``: the same number of bytes as one
   flat tensor, for reference (no per-tensor overhead).
+
+On CPU in the checkpoint's dtype the live model's parameters (and, since LiveMerger takes
+the aligned storage in place, the aligned tensors) are views into private memory maps of the
+checkpoint files (transformers loads safetensors by mmap and ``.to("cpu")`` keeps them), at
+the files' tensor offsets, which need not be 64-byte aligned. The script prints the alignment:
+torch's ``copy_`` into a misaligned destination is markedly slower than into an aligned one
+(see probe_alignment.py), while ``lerp`` is not.
+The measures run interleaved (round-robin), so interference from other processes on a shared
+machine hits them alike.
 
 Bandwidth is bytes moved / seconds (GB = 1e9 bytes). The figure of merit is
 merge GB/s / copy GB/s on the same tensors; the issue's target is >= 0.6.
@@ -24,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,16 +53,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TARGET = 0.6
 
 
-def _time(fn, *, repeats: int, warmup: int, sync) -> list[float]:
+def _time_round_robin(fns: dict, *, repeats: int, warmup: int, sync) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, interleaved (a, b, c, a, b, c, ...).
+
+    Interleaving spreads any interference from other processes on the machine evenly over
+    the measures, so their ratio stays meaningful on a shared machine.
+    """
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -120,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print("hmaopt bench_merge: LiveMerger.apply vs tensor copy")
     print(f"  device   : {device}" + (f" ({info['gpu']})" if "gpu" in info else f" ({info['cpu']})"))
     print(f"  threads  : torch.get_num_threads() = {torch.get_num_threads()}, os.cpu_count() = {info['cpu_count']}")
-    print(f"  torch    : {torch.__version__}")
+    print(f"  torch    : {torch.__version__}; code {info['code']}")
     print(f"  dtype    : {args.dtype}")
     print(f"  model    : Llama '{args.size}' hidden={hidden} intermediate={inter} layers={layers} "
           f"vocab={vocab} heads={heads} (untied)")
@@ -129,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  tensors  : {len(entries)} (smallest {human_bytes(sizes[0])}, median "
           f"{human_bytes(sizes[len(sizes) // 2])}, largest {human_bytes(sizes[-1])}); "
           f"{sum(s < 1_000_000 for s in sizes)} under 1 MB")
+    align = {k: dict(sorted(Counter(getattr(e, k).data_ptr() % 64 for e in entries).items()))
+             for k in ("live", "base", "aligned")}
+    print("  alignment: tensor address % 64 -> count: "
+          + "; ".join(f"{k} {v}" for k, v in align.items()))
     print(f"  grouping : {spec.describe()} -> {n_ratios} ratio(s) {', '.join(merger.grouping.slots)}")
-    print(f"  repeats  : {args.repeats} timed after {args.warmup} warm-up (median reported)")
+    print(f"  repeats  : {args.repeats} timed after {args.warmup} warm-up, measures interleaved "
+          f"round-robin (median reported)")
     print(f"  build {build_s:.1f} s, load {load_s:.1f} s")
     print()
 
@@ -151,26 +176,33 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         return row
 
-    kw = dict(repeats=args.repeats, warmup=args.warmup, sync=sync)
     with torch.no_grad():
-        merge = record("merge: merger.apply(ratios)", _time(apply, **kw), 3 * nbytes,
-                       "3 x nbytes (read base + aligned, write live)")
-        copy = record("copy: e.live.copy_(e.base) per entry", _time(copy_entries, **kw), 2 * nbytes,
-                      "2 x nbytes (read base, write live)")
         # Reference: the same bytes as one flat tensor (no per-tensor overhead).
-        n = numel
         gen = torch.Generator(device=device).manual_seed(0)
-        big_a = torch.rand(n, dtype=dtype, device=device, generator=gen)
-        big_b = torch.rand(n, dtype=dtype, device=device, generator=gen)
+        big_a = torch.rand(numel, dtype=dtype, device=device, generator=gen)
+        big_b = torch.rand(numel, dtype=dtype, device=device, generator=gen)
         big_out = torch.empty_like(big_a)
-        record("copy: one big tensor", _time(lambda: big_out.copy_(big_a), **kw), 2 * nbytes,
-               "2 x nbytes")
-        record("lerp: one big tensor", _time(
-            lambda: torch.lerp(big_a, big_b, rng.random(), out=big_out), **kw), 3 * nbytes,
-            "3 x nbytes")
-        del big_a, big_b, big_out
-        # Restore the live model to a valid merge.
-        merger.apply([0.5] * n_ratios)
+        fresh = [torch.empty_like(e.base) for e in entries]  # fresh allocations, same shapes
+        measures = {
+            "merge: merger.apply(ratios)": (apply, 3 * nbytes, "read base + aligned, write live"),
+            "copy: e.live.copy_(e.base) per entry": (copy_entries, 2 * nbytes, "read base, write live"),
+            "copy: per entry into fresh tensors": (
+                lambda: [d.copy_(e.base) for d, e in zip(fresh, entries)], 2 * nbytes, "reference"),
+            "copy: one big tensor": (lambda: big_out.copy_(big_a), 2 * nbytes, "reference"),
+            "lerp: one big tensor": (lambda: torch.lerp(big_a, big_b, rng.random(), out=big_out),
+                                     3 * nbytes, "reference"),
+        }
+        times = _time_round_robin({k: v[0] for k, v in measures.items()},
+                                  repeats=args.repeats, warmup=args.warmup, sync=sync)
+        for name, (_, moved, what) in measures.items():
+            record(name, times[name], moved, what)
+        del big_a, big_b, big_out, fresh
+        merger.apply([0.5] * n_ratios)  # leave the live model a valid merge
+    merge, copy = results[0], results[1]
+    # Per-repeat ratio (merge and copy ran back to back): a check on the ratio of medians.
+    paired = statistics.median(
+        (3 / tm) / (2 / tc) for tm, tc in zip(merge["times_s"], copy["times_s"])
+    )
 
     ratio = merge["gbps"] / copy["gbps"]
     rows = [[r["name"], human_bytes(r["bytes_per_pass"]), f"{r['median_s'] * 1e3:.1f}",
@@ -179,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["measure", "bytes/pass", "median ms", "min ms", "max ms", "GB/s"], rows))
     print()
     print(f"merge / copy (same tensors) = {merge['gbps']:.2f} / {copy['gbps']:.2f} GB/s = {ratio:.2f} "
-          f"(target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
+          f"(target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
+          f"median of per-repeat ratios {paired:.2f}")
+    by_name = {r["name"]: r for r in results}
+    fresh_gbps = by_name["copy: per entry into fresh tensors"]["gbps"]
+    big_gbps = by_name["copy: one big tensor"]["gbps"]
+    print(f"merge / copy into fresh tensors = {merge['gbps'] / fresh_gbps:.2f}; "
+          f"merge / one big copy = {merge['gbps'] / big_gbps:.2f}")
 
     write_json(args.json_out, {
         "benchmark": "bench_merge",
@@ -194,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "results": results,
         "merge_over_copy": ratio,
+        "merge_over_copy_paired_median": paired,
+        "merge_over_copy_fresh": merge["gbps"] / fresh_gbps,
+        "merge_over_big_copy": merge["gbps"] / big_gbps,
+        "alignment_mod64": {k: {str(a): n for a, n in v.items()} for k, v in align.items()},
         "target": TARGET,
         "target_met": ratio >= TARGET,
     })
