@@ -45,6 +45,17 @@ def make_tiny(path: Path, model_type: str = "llama", *, seed: int = 0,
     return path
 
 
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint folder, read with the safetensors library."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 def make_pair(root: Path, model_type: str = "llama", **kwargs) -> tuple[Path, Path]:
     """A base and an aligned model of the same architecture, different weights."""
     return (make_tiny(root / "base", model_type, seed=0, **kwargs),

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from service.errors import CheckpointError, CheckpointMismatchError, NotFoundError, PickleRefusedError
-from tests.models import make_tiny
+from tests.models import make_tiny, read_folder as _reference
 from workers.checkpoint import (
     Checkpoint,
     TensorPlan,
@@ -18,15 +17,6 @@ from workers.checkpoint import (
     write_index,
     write_shard,
 )
-
-
-def _reference(folder):
-    """Every tensor of a safetensors checkpoint, read with the safetensors library."""
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def test_reads_single_file_exactly(llama_pair):

@@ -8,23 +8,14 @@ import textwrap
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from service.errors import CheckpointMismatchError, ConflictError, RatioError
 from service.spec import GroupSpec
-from tests.models import make_tiny
+from tests.models import make_tiny, read_folder as _tensors
 from workers.export import MANIFEST, export_merge
 from workers.merge import LiveMerger
 from tests.workers.test_merge import BLOCKS2, _expected_ratio
-
-
-def _tensors(folder):
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def test_every_tensor_matches_reference(tmp_path, llama_pair):
