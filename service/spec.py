@@ -118,7 +118,7 @@ def spec_error_from_validation(exc: ValidationError, *, prefix: str = "") -> Spe
 # --------------------------------------------------------------------------- job spec
 
 RewardType = Literal["reward_model", "preference", "python"]
-TaxType = Literal["multiple_choice", "exact_match", "perplexity"]
+TaxType = Literal["multiple_choice", "exact_match", "perplexity", "lm_eval"]
 SamplerName = Literal["tpe", "gp", "cmaes", "nsga2", "random"]
 
 
@@ -153,10 +153,20 @@ class TaxTask(BaseModel):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     type: TaxType
-    data: str
+    data: str = Field(description="JSONL data set; for lm_eval, a local lm-evaluation-harness "
+                      "task YAML (its data files local too)")
     weight: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(16, ge=1, le=4096, description="exact_match: tokens generated")
     batch_size: int = Field(16, ge=1)
+    metric: str | None = Field(None, description="lm_eval: the metric to use (default: the "
+                               "task's first metric, e.g. acc)")
+    limit: int | None = Field(None, ge=1, description="lm_eval: evaluate the first N documents only")
+
+    @model_validator(mode="after")
+    def _lm_eval_only(self) -> TaxTask:
+        if self.type != "lm_eval" and (self.metric is not None or self.limit is not None):
+            raise ValueError("metric and limit are only for type lm_eval")
+        return self
 
 
 class TaxSpec(BaseModel):

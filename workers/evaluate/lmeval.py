@@ -1,0 +1,315 @@
+"""lm-evaluation-harness tasks as tax tasks: one local task YAML, scored on the in-memory model.
+
+:func:`lm_eval_metric` runs one lm-eval task (any output type: ``multiple_choice``,
+``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``) on a loaded ``transformers``
+causal LM and returns the task's metric and its direction, as :data:`tasks.TAX_METRICS` does
+for the built-in tax tasks.
+
+- The model is wrapped, never copied or reloaded (``HFLM(pretrained=model)``): weights changed in
+  place between calls are what the next call scores. HFLM puts the model in eval mode; its
+  previous train/eval mode is restored afterwards.
+- The task is read from its YAML (``include:`` and ``!function`` resolved by lm-eval's own
+  loader, relative to the YAML), and relative local paths in ``dataset_kwargs`` (``data_files``,
+  ``data_dir``) and ``dataset_path`` are made relative to the YAML's folder, not the working
+  directory. The task is then built from that config alone: nothing else is indexed or fetched,
+  so it runs offline as long as its data is local.
+- No stderr bootstrap, no sample logging, zero-shot unless the YAML sets ``num_fewshot``.
+- ``on_batch`` is called before every forward pass (loglikelihood) and every ``generate`` call
+  (generation): once per batch; raising from it stops the evaluation and propagates unchanged.
+- Deterministic for a fixed model: lm-eval's seeds (python, numpy, torch, few-shot sampler) are
+  set for the run and the caller's random states are restored afterwards. lm-eval's logging is
+  kept at WARNING and its progress bars are off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from service.errors import DependencyUnavailableError, EvaluationError, SpecError
+
+_INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'hmaopt[lmeval]'"
+#: lm-eval's default seeds (simple_evaluate): python 0, numpy / torch / few-shot 1234
+_PY_SEED, _SEED = 0, 1234
+_GLOB_CHARS = frozenset("*?[")
+
+
+def lm_eval_metric(model, tokenizer, task_yaml: str | Path, *, metric: str | None = None,
+                   batch_size: int = 16, limit: int | None = None,
+                   on_batch: Callable[[], None] | None = None) -> tuple[float, bool]:
+    """Run one local lm-evaluation-harness task on an in-memory transformers model.
+
+    Returns (metric value, higher_is_better). ``metric`` is a metric name of the task (``acc``)
+    or ``name,filter`` (``exact_match,strict-match``); default: the task's first metric, first
+    filter. ``limit``: only the first ``limit`` documents (lm-eval's ``limit``).
+    """
+    path = Path(task_yaml).expanduser()
+    if not path.is_file():
+        raise SpecError(f"lm-eval task file {str(path)!r} does not exist or is not a file")
+    lm_eval = _import_lm_eval()
+    config = _read_config(path, lm_eval)
+    name = config["task"]
+
+    hook_errors: list[BaseException] = []
+
+    def hook() -> None:
+        if on_batch is not None:
+            try:
+                on_batch()
+            except BaseException as exc:
+                hook_errors.append(exc)
+                raise
+
+    with _quiet(), _seeded():
+        try:
+            loaded = lm_eval["TaskManager"](include_defaults=False).load([config])
+            task = loaded["tasks"][name]
+        except Exception as exc:
+            raise EvaluationError(f"lm-eval task {name!r} ({path}) could not be loaded: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=_SEED)
+        metric_name, wanted = _pick_metric(task.higher_is_better(), metric, path, name)
+
+        was_training = model.training
+        try:
+            lm = _make_lm(lm_eval, model, tokenizer, batch_size, hook)
+            results = lm_eval["evaluate"](lm=lm, task_dict=loaded, limit=limit,
+                                          bootstrap_iters=0, log_samples=False)
+        except BaseException as exc:
+            if any(exc is e for e in hook_errors) or not isinstance(exc, Exception):
+                raise
+            raise EvaluationError(f"lm-eval task {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            model.train(was_training)
+
+    values = results["results"][name]
+    key = next((k for k in values if k == wanted or k.split(",", 1)[0] == wanted), None)
+    if key is None:
+        raise EvaluationError(f"lm-eval task {name!r} returned no {wanted!r} value "
+                              f"(it returned: {', '.join(k for k in values if ',' in k)})")
+    try:
+        value = float(values[key])
+    except (TypeError, ValueError) as exc:
+        raise EvaluationError(f"lm-eval task {name!r}: {key!r} is {values[key]!r}, not a number") from exc
+    higher = results["higher_is_better"][name].get(metric_name)
+    if higher is None:
+        raise EvaluationError(f"lm-eval task {name!r} did not say whether higher {metric_name!r} is better")
+    return value, bool(higher)
+
+
+def _import_lm_eval() -> dict[str, Any]:
+    try:
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise DependencyUnavailableError(_INSTALL_HINT) from exc
+    try:  # the YAML reader lm-eval itself uses (include:, !function)
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError as exc:
+        raise DependencyUnavailableError(
+            f"this lm-evaluation-harness version is not supported ({exc}): "
+            "pip install 'hmaopt[lmeval]'") from exc
+    return {"evaluate": evaluate, "HFLM": HFLM, "TaskManager": TaskManager, "load_yaml": load_yaml}
+
+
+def _read_config(path: Path, lm_eval: dict[str, Any]) -> dict[str, Any]:
+    """The task's full config (includes merged, functions imported), local paths resolved."""
+    import yaml
+
+    try:
+        config = lm_eval["load_yaml"](path, resolve_func=True)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"lm-eval task file {str(path)!r} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise SpecError(f"lm-eval task file {str(path)!r} cannot be read: {exc}") from exc
+    except Exception as exc:  # bad include, bad !function reference, not a mapping
+        raise SpecError(f"lm-eval task file {str(path)!r} cannot be loaded: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if "group" in config or isinstance(config.get("task"), list):
+        raise SpecError(f"lm-eval task file {str(path)!r} defines a group; give the YAML of one task")
+    name = config.get("task")
+    if not name or not isinstance(name, str):
+        raise SpecError(f"lm-eval task file {str(path)!r} has no 'task:' name")
+    _resolve_local_paths(config, path)
+    return config
+
+
+def _local(value: Any, base: Path) -> Any:
+    """A relative local path joined to ``base``; URLs, absolute paths and non-strings as they are."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return value if p.is_absolute() else str(base / p)
+
+
+def _resolve_local_paths(config: dict[str, Any], path: Path) -> None:
+    """Make the task's local data paths relative to the YAML's folder, not the working directory.
+
+    ``dataset_path`` when it names something beside the YAML (or starts with ./ ../ ~);
+    ``dataset_kwargs.data_dir``; ``dataset_kwargs.data_files`` unless a local ``dataset_path``
+    folder or a ``data_dir`` is their base already (datasets reads them relative to it).
+    A local data file that does not exist is a :class:`SpecError`.
+    """
+    base = path.resolve().parent
+    dataset_path = config.get("dataset_path")
+    if isinstance(dataset_path, str) and (dataset_path.startswith(("./", "../", "~"))
+                                          or (base / dataset_path).exists()):
+        config["dataset_path"] = _local(dataset_path, base)
+    kwargs = config.get("dataset_kwargs")
+    if not isinstance(kwargs, dict):
+        return
+    kwargs = config["dataset_kwargs"] = dict(kwargs)
+    files_base: Path | None = base
+    if isinstance(kwargs.get("data_dir"), str):
+        kwargs["data_dir"] = _local(kwargs["data_dir"], base)
+        files_base = None if "://" in kwargs["data_dir"] else Path(kwargs["data_dir"])
+    elif isinstance(config.get("dataset_path"), str) and Path(config["dataset_path"]).is_dir():
+        files_base = Path(config["dataset_path"])
+    files = kwargs.get("data_files")
+    if files_base == base:
+        if isinstance(files, list):
+            files = [_local(f, base) for f in files]
+        elif isinstance(files, dict):
+            files = {split: [_local(f, base) for f in v] if isinstance(v, list) else _local(v, base)
+                     for split, v in files.items()}
+        else:
+            files = _local(files, base)
+        if files is not None:
+            kwargs["data_files"] = files
+    for file in _flatten(files):
+        if files_base is None or "://" in file or _GLOB_CHARS & set(file):
+            continue
+        if not (files_base / Path(file).expanduser()).exists():
+            raise SpecError(f"lm-eval task file {str(path)!r}: data file {file!r} does not exist")
+
+
+def _flatten(files: Any) -> Iterator[str]:
+    if isinstance(files, str):
+        yield files
+    elif isinstance(files, list):
+        for f in files:
+            yield from _flatten(f)
+    elif isinstance(files, dict):
+        for f in files.values():
+            yield from _flatten(f)
+
+
+def _pick_metric(directions: dict[str, bool], metric: str | None, path: Path,
+                 name: str) -> tuple[str, str]:
+    """(metric name, results key or key prefix) of the requested metric, else a SpecError."""
+    if not directions:
+        raise SpecError(f"lm-eval task file {str(path)!r}: task {name!r} has no metrics")
+    if metric is None:
+        first = next(iter(directions))
+        return first, first
+    metric_name = metric.split(",", 1)[0]
+    if metric_name not in directions:
+        raise SpecError(f"lm-eval task file {str(path)!r}: task {name!r} has no metric {metric!r} "
+                        f"(it has: {', '.join(directions)})")
+    return metric_name, metric
+
+
+def _make_lm(lm_eval: dict[str, Any], model, tokenizer, batch_size: int, hook: Callable[[], None]):
+    """HFLM around the model itself, calling ``hook`` per batch, without progress bars."""
+    HFLM = lm_eval["HFLM"]
+
+    class HookedHFLM(HFLM):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            hook()
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            hook()
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, **kwargs):  # rolling asks for a bar
+            return super()._loglikelihood_tokens(requests, **{**kwargs, "disable_tqdm": True})
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer = copy.deepcopy(tokenizer)  # HFLM sets a pad token: not on the caller's tokenizer
+    # HFLM warns on every wrapped (not path-loaded) model; that is how it is meant to be used here.
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        return HookedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
+    finally:
+        hf_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval's loggers at WARNING at most, no progress bars from it or from datasets."""
+    import lm_eval.api.task as task_module
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    # Task.build_all_requests shows a bar that no argument turns off.
+    tqdm = getattr(task_module, "tqdm", None)
+    tqdm = getattr(tqdm, "hmaopt_original", tqdm)
+    if tqdm is not None:
+        def silent(*args, **kwargs):
+            return tqdm(*args, **{**kwargs, "disable": True})
+
+        silent.hmaopt_original = tqdm
+        task_module.tqdm = silent
+    bars_were_on = _datasets_bars(False)
+    try:
+        yield
+    finally:
+        if tqdm is not None:
+            task_module.tqdm = tqdm
+        if bars_were_on:
+            _datasets_bars(True)
+        logger.setLevel(level)
+
+
+def _datasets_bars(on: bool) -> bool:
+    """Turn datasets' progress bars on/off; whether they were on."""
+    try:
+        import datasets
+    except ImportError:
+        return False
+    was_on = not datasets.are_progress_bars_disabled()
+    (datasets.enable_progress_bars if on else datasets.disable_progress_bars)()
+    return was_on
+
+
+@contextlib.contextmanager
+def _seeded():
+    """lm-eval's default seeds for the run; the caller's random states back afterwards."""
+    import numpy as np
+    import torch
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    random.seed(_PY_SEED)
+    np.random.seed(_SEED)
+    torch.manual_seed(_SEED)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
