@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,10 @@ class Settings(BaseSettings):
     )
     max_shard_bytes: int = Field(
         DEFAULT_MAX_SHARD_BYTES, gt=0, description="Maximum bytes per exported shard."
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "hmaopt",
+        description="Cache folder: θ_base figures per checkpoint and data, the reference world.",
     )
     log_level: str = Field("WARNING", description="Logging level of the hmaopt entry points.")
 

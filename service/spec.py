@@ -188,12 +188,25 @@ class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sampler: SamplerName = "tpe"
-    n_trials: int = Field(48, ge=1, le=100_000)
+    n_trials: int = Field(48, ge=1, le=100_000, description="trials in all, the uniform "
+                          "baseline included")
     seed: int = 0
-    pruning: bool = True
+    pruning: bool = Field(True, description="stop a trial after stage 1 when its tax is clearly "
+                          "over budget")
+    prune_fraction: float = Field(0.3, gt=0, lt=1, description="share of each tax set's search "
+                                  "part measured in stage 1")
+    prune_margin: float = Field(0.05, ge=0, description="prune when the stage-1 tax exceeds "
+                                "budget + prune_margin")
     holdout_fraction: float = Field(0.3, ge=0, lt=1)
     uniform_grid: list[float] | None = Field(
-        None, description="ratios of the vanilla-averaging baseline (default 0, 0.1, ..., 1)")
+        None, min_length=1,
+        description="ratios of the vanilla-averaging baseline (default 0, 0.1, ..., 1)")
+
+    @model_validator(mode="after")
+    def _grid(self) -> SearchSpec:
+        if self.uniform_grid is not None and not all(0 <= a <= 1 for a in self.uniform_grid):
+            raise ValueError(f"uniform_grid ratios must lie in [0, 1], got {self.uniform_grid}")
+        return self
 
 
 class ExportSpec(BaseModel):

@@ -79,3 +79,46 @@ if __name__ == "__main__":  # python -m tests.models DIR: a demo pair (6-layer L
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "demo/models")
     make_pair(root, "llama", num_hidden_layers=6, tie_word_embeddings=False)
     print(f"built {root / 'base'} and {root / 'aligned'}")
+
+
+def make_tiny_job(root: Path, **overrides) -> dict:
+    """A job spec dict over a tiny char-LM pair with small JSONL sets of every kind.
+
+    The models are random, so the figures mean nothing; the mechanics are real.
+    """
+    import json
+
+    root = Path(root)
+    base = make_char_lm(root / "base", seed=0)
+    aligned = make_char_lm(root / "aligned", seed=1)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    sets = {
+        "add": [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(3)],
+        "mc": [{"prompt": f"q{i} is", "choices": [" ab", " cd", " ef"], "answer": i % 3}
+               for i in range(12)],
+        "text": [{"text": f"the cat number {i} sat on the mat."} for i in range(12)],
+        "pref": [{"prompt": f"Q{i}:", "chosen": " yes!", "rejected": " no."} for i in range(10)],
+    }
+    for name, records in sets.items():
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = {
+        "name": "tiny",
+        "base_model": str(base), "aligned_model": str(aligned),
+        "groups": {"scheme": "blocks", "k": 2},
+        "reward": {"type": "preference", "data": str(data / "pref.jsonl")},
+        "tax": {"budget": 0.5, "tasks": [
+            {"name": "add", "type": "exact_match", "data": str(data / "add.jsonl"),
+             "max_new_tokens": 3},
+            {"name": "mc", "type": "multiple_choice", "data": str(data / "mc.jsonl")},
+            {"name": "text", "type": "perplexity", "data": str(data / "text.jsonl"), "weight": 2},
+        ]},
+        "search": {"n_trials": 6, "uniform_grid": [0.0, 0.5, 1.0], "seed": 0,
+                   "holdout_fraction": 0.25},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec

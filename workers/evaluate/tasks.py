@@ -1,7 +1,9 @@
 """Metrics of one model on one data set: the tax tasks and the reward types.
 
 Each tax metric has a direction; :func:`relative_degradation` turns a value and the base
-model's value into the task's tax (positive = worse than the base model).
+model's value into the task's tax (positive = worse than the base model). The ``*_stats``
+functions return a metric's sufficient statistics (total, count), which add up across
+slices of a data set (staged evaluation); :func:`finish_metric` turns them into the metric.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def relative_degradation(value: float, base_value: float, higher_is_better: bool
     return (base_value - value) / scale if higher_is_better else (value - base_value) / scale
 
 
-def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
-                             on_batch: BatchHook = None) -> float:
-    """Share of records whose answer has the highest log-likelihood among its choices."""
+def multiple_choice_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                          on_batch: BatchHook = None) -> tuple[float, float]:
+    """(records whose answer has the highest log-likelihood among its choices, records)."""
     pairs = [(r["prompt"], c) for r in records for c in r["choices"]]
     scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, on_batch=on_batch)
     correct, i = 0, 0
@@ -42,7 +44,14 @@ def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], *, batch
         lls = [s for s, _ in scores[i:i + n]]
         correct += int(max(range(n), key=lls.__getitem__) == r["answer"])
         i += n
-    return correct / len(records)
+    return float(correct), float(len(records))
+
+
+def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                             on_batch: BatchHook = None) -> float:
+    """Share of records whose answer has the highest log-likelihood among its choices."""
+    return finish_metric("multiple_choice", *multiple_choice_stats(
+        model, tokenizer, records, batch_size=batch_size, on_batch=on_batch))
 
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]+$|^[{re.escape(string.punctuation)}]+")
@@ -54,25 +63,46 @@ def normalize_answer(text: str) -> str:
     return _PUNCT.sub("", " ".join(first.lower().split())).strip()
 
 
-def exact_match_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
-                         batch_size: int = 16, on_batch: BatchHook = None) -> float:
-    """Share of greedy completions equal to the answer after :func:`normalize_answer`."""
+def exact_match_stats(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
+                      batch_size: int = 16, on_batch: BatchHook = None) -> tuple[float, float]:
+    """(greedy completions equal to the answer after :func:`normalize_answer`, records)."""
     outputs = greedy_generate(model, tokenizer, [r["prompt"] for r in records],
                               max_new_tokens=max_new_tokens, batch_size=batch_size,
                               on_batch=on_batch)
     hits = sum(normalize_answer(o) == normalize_answer(r["answer"]) for o, r in zip(outputs, records))
-    return hits / len(records)
+    return float(hits), float(len(records))
+
+
+def exact_match_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
+                         batch_size: int = 16, on_batch: BatchHook = None) -> float:
+    """Share of greedy completions equal to the answer after :func:`normalize_answer`."""
+    return finish_metric("exact_match", *exact_match_stats(
+        model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        on_batch=on_batch))
+
+
+def perplexity_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                     on_batch: BatchHook = None) -> tuple[float, float]:
+    """(total negative log-likelihood, total tokens) of the texts."""
+    scores = continuation_logprobs(model, tokenizer, [("", r["text"]) for r in records],
+                                   batch_size=batch_size, on_batch=on_batch)
+    return -sum(s for s, _ in scores), float(sum(n for _, n in scores))
 
 
 def perplexity(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
                on_batch: BatchHook = None) -> float:
     """exp(total negative log-likelihood / total tokens) over the texts."""
-    scores = continuation_logprobs(model, tokenizer, [("", r["text"]) for r in records],
-                                   batch_size=batch_size, on_batch=on_batch)
-    tokens = sum(n for _, n in scores)
-    if tokens == 0:
-        raise EvaluationError("perplexity data has no tokens")
-    return math.exp(-sum(s for s, _ in scores) / tokens)
+    return finish_metric("perplexity", *perplexity_stats(
+        model, tokenizer, records, batch_size=batch_size, on_batch=on_batch))
+
+
+def finish_metric(task_type: str, total: float, count: float) -> float:
+    """A tax metric from its sufficient statistics (sums over records add across slices)."""
+    if count <= 0:
+        raise EvaluationError(f"{task_type} data has nothing to measure (no records or tokens)")
+    if task_type == "perplexity":
+        return math.exp(total / count)
+    return total / count
 
 
 def preference_margin(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
