@@ -81,6 +81,44 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     merge.set_defaults(handler=_cmd_merge)
+
+    search = sub.add_parser(
+        "search", help="run a merge-ratio search in-process",
+        description="Search per-group ratios that maximise the reward with tax <= budget, the "
+        "vanilla-averaging baseline included. Exit code 0 when a feasible merge was found, "
+        "2 when none was (or the spec is invalid), 1 on other errors.")
+    search.add_argument("spec", help="job spec file (YAML or JSON)")
+    search.add_argument("--storage", default=None,
+                        help="Optuna storage URL, e.g. sqlite:///hmaopt.db or "
+                        "postgresql://host/db (default: in memory, nothing kept)")
+    search.add_argument("--study", default=None,
+                        help="study name (default hmaopt:<spec name>)")
+    search.add_argument("--resume", action="store_true",
+                        help="continue an existing study of that name up to n_trials")
+    search.add_argument("--json", dest="json_out", default=None,
+                        help="write the result as JSON to this file ('-' for stdout)")
+    search.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    search.add_argument("--trials", type=int, default=None, help="override search.n_trials")
+    search.add_argument("--sampler", default=None,
+                        choices=["tpe", "gp", "cmaes", "nsga2", "random"],
+                        help="override search.sampler")
+    search.add_argument("--seed", type=int, default=None, help="override search.seed")
+    search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    search.set_defaults(handler=_cmd_search)
+
+    world = sub.add_parser("world", help="the reference world (small real models and data)")
+    world_sub = world.add_subparsers(dest="world_command", required=True, parser_class=_Parser)
+    build = world_sub.add_parser(
+        "build", help="train the reference world on CPU (a few minutes)",
+        description="Train a small base LM with three skills, an aligned model that forgets "
+        "them, a style reward model, eval sets and a ready job spec (DIR/spec.yaml).")
+    build.add_argument("dir", help="output folder")
+    build.add_argument("--overwrite", action="store_true", help="rebuild an existing folder")
+    build.add_argument("--reuse", action="store_true",
+                       help="keep an existing world of this version (build only when missing)")
+    build.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.set_defaults(handler=_cmd_world_build)
     return parser
 
 
@@ -108,6 +146,129 @@ def _cmd_merge(args: argparse.Namespace) -> int:
           + ", ".join(f"{k}={v:g}" for k, v in ratios.items()))
     print(f"wrote {result.out} ({len(result.shards)} shard(s), {result.bytes_written / 1e6:.1f} MB, "
           f"{result.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from service.spec import JobSpec, load_spec, spec_error_from_validation
+
+    spec = load_spec(args.spec)
+    overrides = {k: v for k, v in (("n_trials", args.trials), ("sampler", args.sampler),
+                                   ("seed", args.seed)) if v is not None}
+    if overrides:
+        try:
+            spec = JobSpec.model_validate(
+                {**spec.model_dump(), "search": {**spec.search.model_dump(), **overrides}})
+        except ValidationError as exc:
+            raise spec_error_from_validation(exc) from exc
+    from workers.search import run_search
+
+    show = not args.no_progress and sys.stderr.isatty()
+    print(f"search {spec.name!r}: {spec.search.sampler}, {spec.search.n_trials} trials, "
+          f"groups {spec.groups.describe()}, tax budget {spec.tax.budget:g}", file=sys.stderr)
+    result = run_search(spec, storage=args.storage, name=args.study, resume=args.resume,
+                        device=args.device, progress=show,
+                        log_fn=lambda msg: print(msg, file=sys.stderr))
+    text = format_summary(result.to_dict())
+    if args.json_out == "-":
+        print(json.dumps(result.to_dict(), indent=2))
+        print(text, file=sys.stderr)
+    else:
+        print(text)
+        if args.json_out:
+            from pathlib import Path
+
+            Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.storage is None:
+        print("note: the study was kept in memory only; pass --storage sqlite:///FILE.db to "
+              "keep it", file=sys.stderr)
+    return 0 if result.feasible else 2
+
+
+def format_summary(r: dict) -> str:
+    """The human summary of a search result (the dict of SearchResult.to_dict)."""
+    def fig(x, fmt=".4g"):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = [f"study {r['study']} ({r['mode']}, tax budget {r['budget']:g}; "
+             "ratio = weight on the ALIGNED model)"]
+    best, uni = r["best"], r["best_uniform"]
+    if best is None:
+        lines.append("no feasible merge: every trial's tax exceeds the budget")
+    else:
+        ratios = ", ".join(f"{k}={v:.3f}" for k, v in best["ratios"].items())
+        lines.append(f"best ratios     {ratios}  (trial {best['trial']})")
+        lines.append(f"  search        reward {fig(best['reward'])}  tax {fig(best['tax'], '.4f')}")
+        if best.get("holdout"):
+            h = best["holdout"]
+            lines.append(f"  holdout       reward {fig(h['reward'])}  tax {fig(h['tax'], '.4f')}"
+                         + ("" if h["feasible"] else "  (over budget on the holdout)"))
+    if uni is None:
+        lines.append("best uniform    none feasible")
+    else:
+        lines.append(f"best uniform    alpha={uni['ratio']:g}  (trial {uni['trial']})")
+        lines.append(f"  search        reward {fig(uni['reward'])}  tax {fig(uni['tax'], '.4f')}")
+        if uni.get("holdout"):
+            h = uni["holdout"]
+            lines.append(f"  holdout       reward {fig(h['reward'])}  tax {fig(h['tax'], '.4f')}")
+    lines.append(f"gain            {fig(r['gain'], '+.4g')} reward over the best uniform alpha"
+                 + (f" (holdout {fig(r['holdout_gain'], '+.4g')})"
+                    if r.get("holdout_gain") is not None else ""))
+    t, s = r["trials"], r["seconds"]
+    lines.append(f"trials          {t['finished']} finished ({t['uniform']} uniform baseline), "
+                 f"{t['pruned']} pruned")
+    lines.append(f"time per trial  {fig(s['per_trial'], '.2f')} s (merge "
+                 f"{fig(s['merge_per_trial'], '.3f')} s, evaluation {fig(s['eval_per_trial'], '.2f')}"
+                 f" s); total {s['total']:.1f} s")
+    if r["mode"] == "pareto":
+        lines.append(f"pareto front    {len(r['pareto'])} feasible trials: "
+                     + ", ".join(f"#{p['trial']} ({fig(p['reward'])}, {fig(p['tax'], '.3f')})"
+                                 for p in r["pareto"]))
+    return "\n".join(lines)
+
+
+def _cmd_world_build(args: argparse.Namespace) -> int:
+    from workers.world import WorldConfig, build_world, load_world_info
+
+    if args.reuse and (info := load_world_info(args.dir)) is not None:
+        print(f"reusing the reference world in {args.dir} (built in {info['seconds']:.0f} s)")
+        return 0
+
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=0, unit="step", dynamic_ncols=True)
+
+    def progress(stage: str, step: int, steps: int, loss: float) -> None:
+        if bar is None:
+            if step == steps:
+                print(f"{stage}: {steps} steps, loss {loss:.3f}", file=sys.stderr)
+            return
+        if bar.desc != stage:
+            bar.reset(total=steps)
+            bar.set_description(stage)
+        bar.n = step
+        bar.set_postfix_str(f"loss {loss:.3f}", refresh=True)
+
+    try:
+        info = build_world(args.dir, WorldConfig(seed=args.seed),
+                           overwrite=args.overwrite or args.reuse, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    base, aligned = info["skills"]["base"], info["skills"]["aligned"]
+    print(f"built the reference world in {args.dir} ({info['seconds']:.0f} s)")
+    print(f"  skills, base -> aligned: addition {base['addition']:.2f} -> {aligned['addition']:.2f}, "
+          f"facts {base['facts']:.2f} -> {aligned['facts']:.2f}, text perplexity "
+          f"{base['text']:.2f} -> {aligned['text']:.2f}")
+    print(f"  style reward, base -> aligned: {info['reward']['base']:.2f} -> "
+          f"{info['reward']['aligned']:.2f}")
+    print(f"  job spec: {args.dir}/spec.yaml  (hmaopt search {args.dir}/spec.yaml)")
     return 0
 
 

@@ -78,3 +78,43 @@ def test_control_plane_imports_no_torch():
     code = "import sys, service.cli, service.spec, service.settings, service.errors; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_search_end_to_end_on_a_tiny_job(tmp_path):
+    import yaml
+
+    from tests.models import make_tiny_job
+
+    spec = make_tiny_job(tmp_path)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "result.json"
+    env = {**__import__("os").environ, "HMAOPT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = hmaopt("search", str(spec_file), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                  "--json", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["feasible"] and result["trials"]["finished"] == 6
+    assert result["best"]["tax"] <= result["budget"]
+    assert "best ratios     block0=" in proc.stdout
+    assert f"gain            {result['gain']:+.4g}" in proc.stdout
+    assert "θ_base figures measured" in proc.stderr
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"tax": {"budget": -1, "tasks": []}}, "tax.budget: Input should be greater than or equal to 0"),
+    ({"search": {"sampler": "annealing"}}, "search.sampler: Input should be"),
+    ({"reward": {"type": "reward_model"}}, "reward: reward type reward_model needs model"),
+])
+def test_search_spec_errors_name_the_field(tmp_path, edit, message):
+    import yaml
+
+    spec = {"name": "x", "base_model": "b", "aligned_model": "a",
+            "reward": {"type": "preference", "data": "p.jsonl"},
+            "tax": {"budget": 0.1, "tasks": [{"name": "t", "type": "perplexity", "data": "t.jsonl"}]}}
+    spec.update(edit)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    proc = hmaopt("search", str(spec_file))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

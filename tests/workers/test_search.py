@@ -1,0 +1,132 @@
+"""The search loop on a tiny real job: baseline first, attributes, constraint, reload, resume."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from transformers import AutoTokenizer
+
+from service.errors import ConflictError, SpecError
+from service.spec import JobSpec
+from tests.models import make_tiny_job
+from workers.evaluate.job import JobEvaluator
+from workers.merge import LiveMerger
+from workers.search import Search, run_search, study_name
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_job(tmp_path_factory.mktemp("search"))
+
+
+def _search(spec_dict, **kwargs) -> Search:
+    spec = JobSpec.model_validate(spec_dict)
+    merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device="cpu")
+    ev = JobEvaluator.load(spec, merger.model, AutoTokenizer.from_pretrained(spec.base_model))
+    merger.apply([0.0] * merger.grouping.n_ratios)
+    ev.measure_base()
+    return Search(spec, merger, ev, **kwargs)
+
+
+def test_run_search_stores_a_reloadable_study(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    result = run_search(JobSpec.model_validate(tiny), storage=url, cache_dir=tmp_path)
+    study = optuna.load_study(study_name="hmaopt:tiny", storage=url)
+    trials = study.get_trials()
+    assert len(trials) == 6
+    # the uniform baseline comes first, in full
+    first = trials[:3]
+    assert [t.user_attrs["kind"] for t in first] == ["uniform"] * 3
+    assert [t.user_attrs["uniform_ratio"] for t in first] == [0.0, 0.5, 1.0]
+    assert all(t.state == TrialState.COMPLETE and t.user_attrs["stage"] == 2 for t in first)
+    assert first[0].user_attrs["tax"] == pytest.approx(0.0, abs=1e-9)
+    for t in trials:
+        a = t.user_attrs
+        assert set(a) >= {"kind", "ratios", "reward", "tax", "feasible", "metrics", "task_tax",
+                          "stage", "merge_seconds", "eval_seconds"}
+        assert list(a["ratios"]) == ["block0", "block1"]
+        assert t.constraints == {"tax": pytest.approx(a["tax"] - 0.5)}
+        assert a["feasible"] == (t.state == TrialState.COMPLETE and a["tax"] <= 0.5)
+    # the answer is never worse than the best feasible uniform ratio
+    assert result.best is not None and result.uniform is not None
+    assert result.best.tax <= 0.5
+    assert result.best.reward >= result.uniform.reward
+    assert result.gain == pytest.approx(result.best.reward - result.uniform.reward)
+    assert result.best_holdout is not None and result.uniform_holdout is not None
+    stored = study.user_attrs["result"]
+    assert stored["best"]["trial"] == result.best.number
+    assert stored["ratio_convention"].startswith("ratio = weight on the aligned")
+    assert study.user_attrs["hmaopt"]["slots"] == ["block0", "block1"]
+    # a second run of the same job finds θ_base in the cache, and the study name taken
+    with pytest.raises(ConflictError, match="already exists"):
+        run_search(JobSpec.model_validate(tiny), storage=url, cache_dir=tmp_path)
+
+
+def test_resume_continues_to_n_trials_without_repeating_the_baseline(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = _search(tiny, storage=url)
+    stops = iter([False, False, False, False, True])
+    s.run(should_stop=lambda: next(stops))
+    assert s.finished() == 4
+    again = _search(tiny, storage=url, resume=True)
+    again.run()
+    trials = again.study.get_trials()
+    assert len(trials) == 6
+    assert sum(t.user_attrs.get("kind") == "uniform" for t in trials) == 3
+
+
+def test_pruning_records_partial_figures(tiny):
+    spec = {**tiny, "tax": {**tiny["tax"], "budget": 0.0},
+            "search": {**tiny["search"], "prune_margin": 0.0, "n_trials": 8}}
+    s = _search(spec)
+    s.run()
+    pruned = [t for t in s.study.get_trials() if t.state == TrialState.PRUNED]
+    assert pruned, "with budget 0 and margin 0 some trial must be pruned after stage 1"
+    for t in pruned:
+        assert t.user_attrs["kind"] == "search"  # the baseline is never pruned
+        assert t.user_attrs["stage"] == 1 and t.user_attrs["reward"] is None
+        assert t.user_attrs["tax"] > 0 and t.user_attrs["metrics"]
+        assert not t.user_attrs["feasible"]
+
+
+def test_mean_ratio_keeps_every_trial_on_the_constraint(tiny):
+    s = _search({**tiny, "mean_ratio": 0.4, "search": {**tiny["search"], "n_trials": 5}})
+    assert s.grid == [0.4]
+    s.run()
+    for t in s.study.get_trials():
+        ratios = list(t.user_attrs["ratios"].values())
+        assert sum(ratios) / len(ratios) == pytest.approx(0.4, abs=1e-9)
+        assert set(t.params) == {"w_0", "w_1"}
+
+
+@pytest.mark.parametrize("sampler", ["gp", "cmaes", "nsga2", "random"])
+def test_every_sampler_runs(tiny, sampler):
+    s = _search({**tiny, "search": {**tiny["search"], "sampler": sampler, "n_trials": 5}})
+    s.run()
+    assert s.finished() == 5
+    assert s.best("uniform") is not None
+
+
+def test_pareto_mode_has_two_objectives_and_a_front(tiny):
+    s = _search({**tiny, "mode": "pareto", "search": {**tiny["search"], "sampler": "nsga2"}})
+    s.run()
+    assert s.study.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                  optuna.study.StudyDirection.MINIMIZE]
+    front = s.pareto()
+    assert front
+    for a in front:  # no feasible trial dominates a front member
+        for b in s.records():
+            if b.feasible and b.reward is not None:
+                assert not (b.reward > a.reward and b.tax < a.tax)
+
+
+def test_spec_errors(tiny):
+    with pytest.raises(SpecError, match="n_trials"):
+        _search({**tiny, "search": {**tiny["search"], "n_trials": 3}})
+    with pytest.raises(SpecError, match="cmaes"):
+        _search({**tiny, "mode": "pareto", "search": {**tiny["search"], "sampler": "cmaes"}})
+
+
+def test_study_names_come_from_one_builder():
+    assert study_name("job-1") == "hmaopt:job-1"
