@@ -23,3 +23,16 @@ def llama_pair(tmp_path_factory) -> tuple[Path, Path]:
 def gemma_pair(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Gemma pair: tied input/output embeddings."""
     return make_pair(tmp_path_factory.mktemp("gemma"), "gemma")
+
+
+@pytest.fixture(scope="session")
+def world() -> Path:
+    """The reference world, built once per machine (about 4–5 minutes) and cached.
+
+    Cached in ``HMAOPT_CACHE_DIR/world`` (default ``~/.cache/hmaopt/world``); a world of an
+    older recipe version is rebuilt.
+    """
+    from service.settings import Settings
+    from workers.world import ensure_world
+
+    return ensure_world(Settings().cache_dir / "world")
