@@ -25,8 +25,11 @@ test: install services
 	$(BIN)/python -m pytest
 
 bench: install
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/bench_merge.py
 	$(BIN)/python bench/bench_export.py
+	$(BIN)/python bench/world_effect.py
+	$(BIN)/python bench/bench_search.py --png docs/img/search_best_so_far.png
 
 clean:
 	rm -rf $(VENV) out demo .pytest_cache
