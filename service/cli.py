@@ -165,8 +165,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
                 {**spec.model_dump(), "search": {**spec.search.model_dump(), **overrides}})
         except ValidationError as exc:
             raise spec_error_from_validation(exc) from exc
+    import optuna
+
     from workers.search import run_search
 
+    if not args.verbose:  # the summary says what Optuna's INFO lines would
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     show = not args.no_progress and sys.stderr.isatty()
     print(f"search {spec.name!r}: {spec.search.sampler}, {spec.search.n_trials} trials, "
           f"groups {spec.groups.describe()}, tax budget {spec.tax.budget:g}", file=sys.stderr)

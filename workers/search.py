@@ -345,11 +345,13 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
                log_fn: Callable[[str], None] | None = None) -> SearchResult:
     """Load the models, measure θ_base (cached), run the study, re-measure on the holdout."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from service.settings import get_settings
     from workers.evaluate.job import JobEvaluator, base_cache_key
     from workers.merge import LiveMerger
 
+    hf_logging.disable_progress_bar()  # one bar: the trials'
     settings = get_settings()
     say = log_fn or (lambda _msg: None)
     started = time.perf_counter()
