@@ -364,7 +364,8 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
                                   trust_remote_code=settings.trust_remote_code)
     search = Search(spec, merger, evaluator, storage=storage, name=name, resume=resume)
     dev = next(merger.model.parameters())
-    key = base_cache_key(spec, spec.base_model, device=dev.device.type, dtype=str(dev.dtype))
+    key = base_cache_key(spec, spec.base_model, device=dev.device.type, dtype=str(dev.dtype),
+                         allow_pickle=settings.allow_pickle)
     t0 = time.perf_counter()
     merger.apply([0.0] * len(search.slots))  # θ_base
     cached = evaluator.measure_base(cache_dir=Path(cache_dir or settings.cache_dir) / "base",

@@ -280,11 +280,15 @@ class JobEvaluator:
         return Measurement(stage=2, tax=tax, metrics=metrics, task_tax=task_tax)
 
 
-def base_cache_key(spec: JobSpec, base_model: str | Path, *, device: str, dtype: str) -> str:
-    """The θ_base cache key: hashes of the base weights and data files, and the settings."""
+def base_cache_key(spec: JobSpec, base_model: str | Path, *, device: str, dtype: str,
+                   allow_pickle: bool = False) -> str:
+    """The θ_base cache key: hashes of the base weights and data files, and the settings.
+
+    For an lm_eval task only its YAML is hashed, not the data files it names.
+    """
     from workers.checkpoint import Checkpoint, sha256_file
 
-    ckpt = Checkpoint.open(base_model)
+    ckpt = Checkpoint.open(base_model, allow_pickle=allow_pickle)
     parts = {
         "version": EVALUATOR_VERSION,
         "weights": [sha256_file(f) for f in ckpt.weight_files],
