@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from service._version import __version__
-from service.errors import HmaoptError, SpecError
+from service.errors import ConflictError, HmaoptError, NotFoundError, SpecError
 from service.settings import get_settings
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "search", help="run a merge-ratio search in-process",
         description="Search per-group ratios that maximise the reward with tax <= budget, the "
         "vanilla-averaging baseline included. Exit code 0 when a feasible merge was found, "
-        "2 when none was (or the spec is invalid), 1 on other errors.")
+        "2 when none was (or the spec is invalid); other errors exit with their group's code "
+        "(3 not found, 4 conflict, 7 checkpoint, 9 evaluation).")
     search.add_argument("spec", help="job spec file (YAML or JSON)")
     search.add_argument("--storage", default=None,
                         help="Optuna storage URL, e.g. sqlite:///hmaopt.db or "
@@ -156,7 +157,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from service.spec import JobSpec, load_spec, spec_error_from_validation
 
+    from pathlib import Path
+
     spec = load_spec(args.spec)
+    if args.json_out not in (None, "-"):  # fail now, not after the search
+        folder = Path(args.json_out).resolve().parent
+        if not folder.is_dir():
+            raise NotFoundError(f"--json: folder {folder} does not exist")
     overrides = {k: v for k, v in (("n_trials", args.trials), ("sampler", args.sampler),
                                    ("seed", args.seed)) if v is not None}
     if overrides:
@@ -167,7 +174,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise spec_error_from_validation(exc) from exc
     import optuna
 
-    from workers.search import run_search
+    from workers.search import jsonable, run_search
 
     if not args.verbose:  # the summary says what Optuna's INFO lines would
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -177,16 +184,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     result = run_search(spec, storage=args.storage, name=args.study, resume=args.resume,
                         device=args.device, progress=show,
                         log_fn=lambda msg: print(msg, file=sys.stderr))
-    text = format_summary(result.to_dict())
+    payload = jsonable(result.to_dict())
+    text = format_summary(payload)
     if args.json_out == "-":
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(payload, indent=2, allow_nan=False))
         print(text, file=sys.stderr)
     else:
         print(text)
         if args.json_out:
-            from pathlib import Path
-
-            Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            try:
+                Path(args.json_out).write_text(json.dumps(payload, indent=2, allow_nan=False)
+                                               + "\n")
+            except OSError as exc:
+                raise ConflictError(f"cannot write --json {args.json_out}: {exc}") from exc
     if args.storage is None:
         print("note: the study was kept in memory only; pass --storage sqlite:///FILE.db to "
               "keep it", file=sys.stderr)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service._version import __version__
-from service.errors import ConflictError, SpecError
+from service.errors import ConflictError, EvaluationError, SpecError
 from service.spec import JobSpec
 from workers.ratios import RatioSpace
 
@@ -158,6 +158,7 @@ class Search:
     def __init__(self, spec: JobSpec, merger, evaluator, *, storage: str | None = None,
                  name: str | None = None, resume: bool = False) -> None:
         import optuna
+        from sqlalchemy.exc import SQLAlchemyError
 
         self.spec = spec
         self.merger = merger
@@ -165,6 +166,9 @@ class Search:
         self.slots = list(merger.grouping.slots)
         self.space = RatioSpace(self.slots, spec.ratio_bounds, spec.mean_ratio)
         self.grid = self.space.uniform_grid(spec.search.uniform_grid)
+        if not self.grid:
+            raise SpecError(f"no point of the uniform grid lies within ratio_bounds "
+                            f"{list(spec.ratio_bounds)}", field="search.uniform_grid")
         if spec.search.n_trials <= len(self.grid):
             raise SpecError(
                 f"n_trials ({spec.search.n_trials}) must exceed the uniform baseline's "
@@ -174,23 +178,43 @@ class Search:
         self.name = name or study_name(spec.name)
         directions = ["maximize"] if spec.mode == "constrained" else ["maximize", "minimize"]
         sampler = make_sampler(spec, len(self.slots))
-        if storage is not None and not resume:
-            names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-            if self.name in names:
-                raise ConflictError(f"study {self.name!r} already exists in {storage}: resume "
-                                    "it (--resume) or choose another name (--study)")
-        self.study = optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
-                                         directions=directions, load_if_exists=resume)
-        self.study.set_user_attr("hmaopt", {
-            "version": __version__, "spec": spec.model_dump(mode="json"), "slots": self.slots,
-            "budget": spec.tax.budget, "mode": spec.mode, "uniform_grid": self.grid,
-            "ratio_convention": "ratio = weight on the aligned model"})
+        try:
+            names = ({s.study_name for s in optuna.get_all_study_summaries(storage)}
+                     if storage is not None else set())
+            if self.name in names and not resume:
+                raise ConflictError(f"study {self.name!r} already exists in "
+                                    f"{_safe_url(storage)}: resume it (--resume) or choose "
+                                    "another name (--study)")
+            self.study = optuna.create_study(storage=storage, study_name=self.name,
+                                             sampler=sampler, directions=directions,
+                                             load_if_exists=resume)
+        except (ValueError, ImportError, SQLAlchemyError,
+                optuna.exceptions.StorageInternalError) as exc:
+            raise SpecError(f"cannot open the Optuna storage {_safe_url(storage)}: {exc}",
+                            field="storage") from exc
+        job = {"version": __version__, "spec": spec.model_dump(mode="json"),
+               "slots": self.slots, "budget": spec.tax.budget, "mode": spec.mode,
+               "uniform_grid": self.grid,
+               "ratio_convention": "ratio = weight on the aligned model"}
+        stored = self.study.user_attrs.get("hmaopt")
+        if stored is not None:
+            changed = [k for k in ("slots", "budget", "mode", "uniform_grid")
+                       if stored.get(k) != job[k]]
+            if changed:
+                raise ConflictError(f"study {self.name!r} was run with another {', '.join(changed)}: "
+                                    "a resumed study must keep them; start a new study (--study)")
+        self.study.set_user_attr("hmaopt", job)
         self._enqueue_baseline()
 
     # ------------------------------------------------------------------ setup
 
     def _enqueue_baseline(self) -> None:
-        done = {t.user_attrs.get("uniform_ratio") for t in self.study.get_trials(deepcopy=False)
+        """Enqueue the grid points not yet done or waiting (an interrupted one runs again)."""
+        from optuna.trial import TrialState
+
+        states = (TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+        done = {t.user_attrs.get("uniform_ratio")
+                for t in self.study.get_trials(deepcopy=False, states=states)
                 if t.user_attrs.get("kind") == "uniform"}
         for alpha in self.grid:
             if alpha not in done:
@@ -221,17 +245,23 @@ class Search:
             prune = spec.search.pruning and kind != "uniform"
             m = self.evaluator.evaluate(budget=budget if prune else None,
                                         prune_margin=spec.search.prune_margin, on_batch=on_batch)
+            bad = [k for k, v in (("tax", m.tax), ("reward", m.reward))
+                   if v is not None and not math.isfinite(v)]
+            if bad:
+                raise EvaluationError(f"trial {trial.number} (ratios {ratios}): {bad[0]} is "
+                                      f"{m.tax if bad[0] == 'tax' else m.reward}; check the "
+                                      "data and the models for NaN/inf")
+            feasible = not m.pruned and m.tax <= budget
+            attrs = {"kind": kind, "ratios": dict(zip(self.slots, ratios)), "reward": m.reward,
+                     "tax": m.tax, "feasible": feasible, "metrics": m.metrics,
+                     "task_tax": m.task_tax, "stage": m.stage, "merge_seconds": merge_s,
+                     "eval_seconds": m.seconds}
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            trial.set_constraint("tax", m.tax - budget)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL)
             raise
-        feasible = not m.pruned and m.tax <= budget
-        attrs = {"kind": kind, "ratios": dict(zip(self.slots, ratios)), "reward": m.reward,
-                 "tax": m.tax, "feasible": feasible, "metrics": m.metrics,
-                 "task_tax": m.task_tax, "stage": m.stage, "merge_seconds": merge_s,
-                 "eval_seconds": m.seconds}
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        trial.set_constraint("tax", m.tax - budget)
         record = TrialRecord(trial.number, kind, list(ratios), m.reward, m.tax, feasible, m.stage,
                              m.metrics, merge_s, m.seconds, trial.user_attrs.get("uniform_ratio"))
         with warnings.catch_warnings():  # CMA-ES: "constraints set but not used" (see _objective)
@@ -321,7 +351,8 @@ class Search:
         records = self.records()
         best, uniform = self.best(), self.best("uniform")
         best_h = self.measure_holdout(best, on_batch)
-        uniform_h = best_h if uniform is best else self.measure_holdout(uniform, on_batch)
+        same = uniform is not None and best is not None and uniform.number == best.number
+        uniform_h = best_h if same else self.measure_holdout(uniform, on_batch)
         n = len(records)
         counts = {"finished": n, "complete": sum(r.stage == 2 for r in records),
                   "pruned": sum(r.stage == 1 for r in records),
@@ -335,7 +366,7 @@ class Search:
         result = SearchResult(self.name, _safe_url(self.storage), self.spec.mode,
                               self.spec.tax.budget, self.slots, best, uniform, best_h, uniform_h,
                               self.pareto(), counts, seconds, base_cached, records)
-        self.study.set_user_attr("result", _jsonable(result.to_dict()))
+        self.study.set_user_attr("result", jsonable(result.to_dict()))
         return result
 
 
@@ -396,12 +427,12 @@ def _safe_url(url: str | None) -> str | None:
     return f"{scheme}://{user}:***@{host}"
 
 
-def _jsonable(value):
+def jsonable(value):
     """NaN/inf -> None, for JSON and Optuna's storage."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value

@@ -121,9 +121,29 @@ def test_pareto_mode_has_two_objectives_and_a_front(tiny):
                 assert not (b.reward > a.reward and b.tax < a.tax)
 
 
+def test_resume_refuses_a_changed_job_and_reruns_an_interrupted_baseline_point(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = _search(tiny, storage=url)
+    s.run_trial()
+    interrupted = s.study.ask()  # a worker died here: the trial stays RUNNING
+    assert interrupted.user_attrs["uniform_ratio"] == 0.5
+    with pytest.raises(ConflictError, match="budget"):
+        _search({**tiny, "tax": {**tiny["tax"], "budget": 0.2}}, storage=url, resume=True)
+    again = _search(tiny, storage=url, resume=True)
+    again.run()
+    done = [t.user_attrs["uniform_ratio"] for t in again.study.get_trials()
+            if t.state == TrialState.COMPLETE and t.user_attrs.get("kind") == "uniform"]
+    assert sorted(done) == [0.0, 0.5, 1.0]
+
+
 def test_spec_errors(tiny):
     with pytest.raises(SpecError, match="n_trials"):
         _search({**tiny, "search": {**tiny["search"], "n_trials": 3}})
+    with pytest.raises(SpecError, match="uniform_grid"):
+        _search({**tiny, "ratio_bounds": [0.6, 0.9], "search": {**tiny["search"],
+                                                                 "uniform_grid": [0.0, 0.5]}})
+    with pytest.raises(SpecError, match="storage"):
+        _search(tiny, storage="nosuchdb://x")
     with pytest.raises(SpecError, match="cmaes"):
         _search({**tiny, "mode": "pareto", "search": {**tiny["search"], "sampler": "cmaes"}})
 

@@ -220,7 +220,8 @@ class JobEvaluator:
 
     @property
     def has_holdout(self) -> bool:
-        return any(t.slices.get("holdout") for t in self.tasks.values())
+        return (any(t.slices.get("holdout") for t in self.tasks.values())
+                or bool(self.reward_sets.get("holdout")))
 
     def reward(self, part: str, on_batch: BatchHook = None) -> float:
         """The reward of the live model on the ``search`` or ``holdout`` part of its data."""
