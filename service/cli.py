@@ -258,12 +258,15 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=0, unit="step", dynamic_ncols=True)
 
+    current = {"stage": None}
+
     def progress(stage: str, step: int, steps: int, loss: float) -> None:
         if bar is None:
             if step == steps:
                 print(f"{stage}: {steps} steps, loss {loss:.3f}", file=sys.stderr)
             return
-        if bar.desc != stage:
+        if current["stage"] != stage:
+            current["stage"] = stage
             bar.reset(total=steps)
             bar.set_description(stage)
         bar.n = step
