@@ -49,23 +49,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import optuna
-    from transformers import AutoTokenizer
-
     from service.settings import get_settings
     from service.spec import load_spec
-    from workers.evaluate.job import JobEvaluator
-    from workers.merge import LiveMerger
-    from workers.search import Search
+    from workers.search import Search, load_job, measure_base
     from workers.world import ensure_world
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     world = Path(args.world) if args.world else ensure_world(get_settings().cache_dir / "world")
     spec = load_spec(world / "spec.yaml")
-    merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device="auto")
-    tok = AutoTokenizer.from_pretrained(spec.base_model)
-    ev = JobEvaluator.load(spec, merger.model, tok)
-    merger.apply([0.0] * merger.grouping.n_ratios)
-    ev.measure_base()
+    merger, ev = load_job(spec, device="auto")
+    measure_base(merger, ev)
 
     def run(sampler: str, seed: int, *, n: int, budget: float | None = None,
             pruning: bool = True):

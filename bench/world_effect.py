@@ -26,21 +26,15 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
     from service.settings import get_settings
     from service.spec import load_spec
-    from workers.evaluate.job import JobEvaluator
-    from workers.merge import LiveMerger
+    from workers.search import load_job, measure_base
     from workers.world import ensure_world
 
     world = Path(args.world) if args.world else ensure_world(get_settings().cache_dir / "world")
     spec = load_spec(world / "spec.yaml")
-    merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device="cpu")
-    tok = AutoTokenizer.from_pretrained(spec.base_model)
-    ev = JobEvaluator.load(spec, merger.model, tok)
-    merger.apply([0.0] * merger.grouping.n_ratios)
-    ev.measure_base()
+    merger, ev = load_job(spec, device="cpu")
+    measure_base(merger, ev)
 
     def measure(ratios):
         merger.apply(ratios)

@@ -53,7 +53,7 @@ def study_name(key: str) -> str:
     return f"{STUDY_PREFIX}:{key}"
 
 
-def make_sampler(spec: JobSpec, n_params: int):
+def make_sampler(spec: JobSpec):
     """The spec's sampler, seeded."""
     import optuna
 
@@ -177,7 +177,7 @@ class Search:
         self.storage = storage
         self.name = name or study_name(spec.name)
         directions = ["maximize"] if spec.mode == "constrained" else ["maximize", "minimize"]
-        sampler = make_sampler(spec, len(self.slots))
+        sampler = make_sampler(spec)
         try:
             names = ({s.study_name for s in optuna.get_all_study_summaries(storage)}
                      if storage is not None else set())
@@ -370,22 +370,17 @@ class Search:
         return result
 
 
-def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = None,
-               resume: bool = False, device: str | None = "auto", progress: bool = False,
-               cache_dir: str | Path | None = None, should_stop=None, on_trial=None,
-               log_fn: Callable[[str], None] | None = None) -> SearchResult:
-    """Load the models, measure θ_base (cached), run the study, re-measure on the holdout."""
+def load_job(spec: JobSpec, *, device: str | None = "auto"):
+    """(LiveMerger, JobEvaluator) of a job: both checkpoints, tokenizer, data, reward model."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from service.settings import get_settings
-    from workers.evaluate.job import JobEvaluator, base_cache_key
+    from workers.evaluate.job import JobEvaluator
     from workers.merge import LiveMerger
 
     hf_logging.disable_progress_bar()  # one bar: the trials'
     settings = get_settings()
-    say = log_fn or (lambda _msg: None)
-    started = time.perf_counter()
     merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device=device,
                              allow_pickle=settings.allow_pickle,
                              trust_remote_code=settings.trust_remote_code)
@@ -393,14 +388,38 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
                                               trust_remote_code=settings.trust_remote_code)
     evaluator = JobEvaluator.load(spec, merger.model, tokenizer,
                                   trust_remote_code=settings.trust_remote_code)
-    search = Search(spec, merger, evaluator, storage=storage, name=name, resume=resume)
+    return merger, evaluator
+
+
+def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None) -> bool:
+    """Write θ_base into the live model and measure it (from the cache in ``cache_dir``/base
+    when there). Returns True on a cache hit."""
+    from service.settings import get_settings
+    from workers.evaluate.job import base_cache_key
+
+    spec = evaluator.spec
+    merger.apply([0.0] * merger.grouping.n_ratios)
+    if cache_dir is None:
+        return evaluator.measure_base()
     dev = next(merger.model.parameters())
     key = base_cache_key(spec, spec.base_model, device=dev.device.type, dtype=str(dev.dtype),
-                         allow_pickle=settings.allow_pickle)
+                         allow_pickle=get_settings().allow_pickle)
+    return evaluator.measure_base(cache_dir=Path(cache_dir) / "base", cache_key=key)
+
+
+def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = None,
+               resume: bool = False, device: str | None = "auto", progress: bool = False,
+               cache_dir: str | Path | None = None, should_stop=None, on_trial=None,
+               log_fn: Callable[[str], None] | None = None) -> SearchResult:
+    """Load the models, measure θ_base (cached), run the study, re-measure on the holdout."""
+    from service.settings import get_settings
+
+    say = log_fn or (lambda _msg: None)
+    started = time.perf_counter()
+    merger, evaluator = load_job(spec, device=device)
+    search = Search(spec, merger, evaluator, storage=storage, name=name, resume=resume)
     t0 = time.perf_counter()
-    merger.apply([0.0] * len(search.slots))  # θ_base
-    cached = evaluator.measure_base(cache_dir=Path(cache_dir or settings.cache_dir) / "base",
-                                    cache_key=key)
+    cached = measure_base(merger, evaluator, cache_dir=cache_dir or get_settings().cache_dir)
     base_seconds = time.perf_counter() - t0
     say(f"θ_base figures {'from cache' if cached else 'measured'} ({base_seconds:.1f} s)")
     search.run(progress=progress, should_stop=should_stop, on_trial=on_trial)

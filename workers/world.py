@@ -28,7 +28,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,6 @@ class WorldConfig:
     seq_len: int = 64
     budget: float = 0.1
     n_trials: int = 40
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- data
@@ -315,9 +314,8 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     pre_losses = _train_lm(base, data.pretrain, tok, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, progress=progress,
                            stage="pretrain base")
-    for folder in ("base",):
-        base.save_pretrained(tmp / "models" / folder)
-        tok.save_pretrained(tmp / "models" / folder)
+    base.save_pretrained(tmp / "models" / "base")
+    tok.save_pretrained(tmp / "models" / "base")
     base_scores = skill_scores(base, tok, data.sets)
 
     aligned = base

@@ -5,14 +5,11 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
-from transformers import AutoTokenizer
 
 from service.errors import ConflictError, SpecError
 from service.spec import JobSpec
 from tests.models import make_tiny_job
-from workers.evaluate.job import JobEvaluator
-from workers.merge import LiveMerger
-from workers.search import Search, run_search, study_name
+from workers.search import Search, load_job, measure_base, run_search, study_name
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +19,8 @@ def tiny(tmp_path_factory):
 
 def _search(spec_dict, **kwargs) -> Search:
     spec = JobSpec.model_validate(spec_dict)
-    merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device="cpu")
-    ev = JobEvaluator.load(spec, merger.model, AutoTokenizer.from_pretrained(spec.base_model))
-    merger.apply([0.0] * merger.grouping.n_ratios)
-    ev.measure_base()
+    merger, ev = load_job(spec, device="cpu")
+    measure_base(merger, ev)
     return Search(spec, merger, ev, **kwargs)
 
 
