@@ -7,7 +7,9 @@
     │   └── RatioError               wrong number of ratios, or a ratio out of bounds
     ├── NotFoundError                a file, folder or record does not exist
     ├── ConflictError                the target already exists / state forbids the action
-    ├── PathNotAllowedError          a path resolves outside the configured roots
+    ├── AuthenticationError          no API token, or an unknown / revoked one
+    ├── PermissionDeniedError        the caller or the settings do not allow the action
+    │   └── PathNotAllowedError      a path resolves outside the configured roots
     ├── DependencyUnavailableError   an optional package or a service is missing
     ├── CheckpointError              a checkpoint cannot be read
     │   ├── PickleRefusedError       a pickle checkpoint without explicit permission
@@ -55,10 +57,20 @@ class ConflictError(HmaoptError):
     exit_code = 4
 
 
-class PathNotAllowedError(HmaoptError):
-    """A path resolves outside the configured roots."""
+class AuthenticationError(HmaoptError):
+    """No API token was given, or it is unknown or revoked."""
 
     exit_code = 5
+
+
+class PermissionDeniedError(HmaoptError):
+    """The caller's role, or an admin setting, does not allow the action."""
+
+    exit_code = 5
+
+
+class PathNotAllowedError(PermissionDeniedError):
+    """A path resolves outside the configured roots."""
 
 
 class DependencyUnavailableError(HmaoptError):

