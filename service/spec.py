@@ -198,6 +198,8 @@ class SearchSpec(BaseModel):
     prune_margin: float = Field(0.05, ge=0, description="prune when the stage-1 tax exceeds "
                                 "budget + prune_margin")
     holdout_fraction: float = Field(0.3, ge=0, lt=1)
+    workers: int = Field(1, ge=1, le=64, description="service only: workers that share this "
+                         "job; n_trials stays the cap over all of them")
     uniform_grid: list[float] | None = Field(
         None, min_length=1,
         description="ratios of the vanilla-averaging baseline (default 0, 0.1, ..., 1)")
@@ -216,9 +218,24 @@ class ExportSpec(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """One merge-search job: the CLI file, the REST body and the worker input."""
+    """One merge-search job: the CLI file, the REST body and the worker input.
 
-    model_config = ConfigDict(extra="forbid")
+    A ratio is the weight on the ALIGNED model: merged = base + ratio * (aligned - base).
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "demo",
+        "base_model": "models/base", "aligned_model": "models/aligned",
+        "groups": {"scheme": "blocks", "k": 3},
+        "reward": {"type": "reward_model", "model": "models/reward",
+                   "prompts": "data/reward_prompts.jsonl", "max_new_tokens": 32},
+        "tax": {"budget": 0.05, "tasks": [
+            {"name": "addition", "type": "exact_match", "data": "data/addition.jsonl"},
+            {"name": "facts", "type": "multiple_choice", "data": "data/facts_mc.jsonl"},
+            {"name": "text", "type": "perplexity", "data": "data/text.jsonl"}]},
+        "search": {"sampler": "tpe", "n_trials": 48, "seed": 0, "pruning": True},
+        "mode": "constrained",
+        "export": {"dir": "exports/demo-best"}}]})
 
     name: str = Field(min_length=1, max_length=200)
     base_model: str = Field(description="pre-RLHF checkpoint folder (ratio 0)")
@@ -240,6 +257,31 @@ class JobSpec(BaseModel):
         if self.mean_ratio is not None and not lo <= self.mean_ratio <= hi:
             raise ValueError(f"mean_ratio {self.mean_ratio} is outside ratio_bounds [{lo}, {hi}]")
         return self
+
+    def uniform_grid(self) -> list[float]:
+        """The vanilla-averaging baseline's ratios, inside ratio_bounds (only the mean under
+        mean_ratio)."""
+        if self.mean_ratio is not None:
+            return [self.mean_ratio]
+        lo, hi = self.ratio_bounds
+        grid = self.search.uniform_grid
+        points = grid if grid is not None else [i / 10 for i in range(11)]
+        return sorted({round(p, 10) for p in points if lo <= p <= hi})
+
+    def check(self) -> None:
+        """Checks across fields, each naming its field (SpecError); run before any work."""
+        grid = self.uniform_grid()
+        if not grid:
+            raise SpecError(f"no point of the uniform grid lies within ratio_bounds "
+                            f"{list(self.ratio_bounds)}", field="search.uniform_grid")
+        if self.search.n_trials <= len(grid):
+            raise SpecError(
+                f"n_trials ({self.search.n_trials}) must exceed the uniform baseline's "
+                f"{len(grid)} points (search.uniform_grid), or the search never runs",
+                field="search.n_trials")
+        if self.search.sampler == "cmaes" and self.mode == "pareto":
+            raise SpecError("cmaes optimises one objective: use mode constrained, or "
+                            "sampler tpe / nsga2 / random for mode pareto", field="search.sampler")
 
     def paths(self) -> dict[str, str]:
         """Every file or folder the job reads, by field name."""

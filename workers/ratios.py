@@ -65,10 +65,3 @@ class RatioSpace:
     def uniform_params(self, ratio: float) -> dict[str, float]:
         """Params that give every slot ``ratio`` (for enqueueing the vanilla-averaging baseline)."""
         return dict.fromkeys(self.param_names(), ratio)
-
-    def uniform_grid(self, grid: Sequence[float] | None) -> list[float]:
-        """The baseline's uniform ratios, inside the bounds (only the mean under mean_ratio)."""
-        if self.mean_ratio is not None:
-            return [self.mean_ratio]
-        points = grid if grid is not None else [i / 10 for i in range(11)]
-        return sorted({round(p, 10) for p in points if self.low <= p <= self.high})

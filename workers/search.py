@@ -66,9 +66,7 @@ def make_sampler(spec: JobSpec):
             return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=10,
                                              deterministic_objective=True)
     if s.sampler == "cmaes":
-        if spec.mode == "pareto":
-            raise SpecError("cmaes optimises one objective: use mode constrained, or "
-                            "sampler tpe / nsga2 / random for mode pareto", field="search.sampler")
+        spec.check()  # refuses mode pareto
         return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=1,
                                             warn_independent_sampling=False)
     if s.sampler == "nsga2":
@@ -90,6 +88,7 @@ class TrialRecord:
     merge_seconds: float
     eval_seconds: float
     uniform_ratio: float | None = None
+    task_tax: dict[str, float] = field(default_factory=dict)
 
     def brief(self, slots: Sequence[str]) -> dict:
         return {"trial": self.number, "kind": self.kind,
@@ -156,7 +155,8 @@ class Search:
     """A job's study with its live merger and evaluator; :meth:`run` drives the trials."""
 
     def __init__(self, spec: JobSpec, merger, evaluator, *, storage: str | None = None,
-                 name: str | None = None, resume: bool = False) -> None:
+                 name: str | None = None, resume: bool = False,
+                 live_running: bool = False) -> None:
         import optuna
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -165,16 +165,10 @@ class Search:
         self.evaluator = evaluator
         self.slots = list(merger.grouping.slots)
         self.space = RatioSpace(self.slots, spec.ratio_bounds, spec.mean_ratio)
-        self.grid = self.space.uniform_grid(spec.search.uniform_grid)
-        if not self.grid:
-            raise SpecError(f"no point of the uniform grid lies within ratio_bounds "
-                            f"{list(spec.ratio_bounds)}", field="search.uniform_grid")
-        if spec.search.n_trials <= len(self.grid):
-            raise SpecError(
-                f"n_trials ({spec.search.n_trials}) must exceed the uniform baseline's "
-                f"{len(self.grid)} points (search.uniform_grid), or the search never runs",
-                field="search.n_trials")
+        spec.check()
+        self.grid = spec.uniform_grid()
         self.storage = storage
+        self.live_running = live_running
         self.name = name or study_name(spec.name)
         directions = ["maximize"] if spec.mode == "constrained" else ["maximize", "minimize"]
         sampler = make_sampler(spec)
@@ -209,10 +203,16 @@ class Search:
     # ------------------------------------------------------------------ setup
 
     def _enqueue_baseline(self) -> None:
-        """Enqueue the grid points not yet done or waiting (an interrupted one runs again)."""
+        """Enqueue the grid points not yet done or waiting (an interrupted one runs again).
+
+        With ``live_running`` (the service, where other workers may share the study and the
+        trials of dead ones have been failed), a running grid point counts as taken.
+        """
         from optuna.trial import TrialState
 
         states = (TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+        if self.live_running:
+            states += (TrialState.RUNNING,)
         done = {t.user_attrs.get("uniform_ratio")
                 for t in self.study.get_trials(deepcopy=False, states=states)
                 if t.user_attrs.get("kind") == "uniform"}
@@ -229,11 +229,11 @@ class Search:
 
     # ------------------------------------------------------------------ trials
 
-    def run_trial(self, on_batch=None) -> TrialRecord:
-        """Ask, merge, evaluate, tell: one trial."""
+    def run_trial(self, on_batch=None, trial=None) -> TrialRecord:
+        """Ask (unless given an asked ``trial``), merge, evaluate, tell: one trial."""
         from optuna.trial import TrialState
 
-        trial = self.study.ask()
+        trial = trial if trial is not None else self.study.ask()
         kind = trial.user_attrs.get("kind", "search")
         spec = self.spec
         budget = spec.tax.budget
@@ -263,7 +263,8 @@ class Search:
             self.study.tell(trial, state=TrialState.FAIL)
             raise
         record = TrialRecord(trial.number, kind, list(ratios), m.reward, m.tax, feasible, m.stage,
-                             m.metrics, merge_s, m.seconds, trial.user_attrs.get("uniform_ratio"))
+                             m.metrics, merge_s, m.seconds, trial.user_attrs.get("uniform_ratio"),
+                             dict(m.task_tax))
         with warnings.catch_warnings():  # CMA-ES: "constraints set but not used" (see _objective)
             warnings.filterwarnings("ignore", message="Constraints have been set")
             if m.pruned:
@@ -320,7 +321,7 @@ class Search:
                 t.number, a.get("kind", "search"), list(a["ratios"].values()), a.get("reward"),
                 a["tax"], bool(a.get("feasible")), int(a.get("stage", 2)), a.get("metrics", {}),
                 float(a.get("merge_seconds", 0.0)), float(a.get("eval_seconds", 0.0)),
-                a.get("uniform_ratio")))
+                a.get("uniform_ratio"), a.get("task_tax", {})))
         return out
 
     def best(self, kind: str | None = None) -> TrialRecord | None:
@@ -438,6 +439,7 @@ def _bar(total: int, initial: int, enabled: bool):
 
 def _safe_url(url: str | None) -> str | None:
     """The storage URL without a password."""
+    url = getattr(url, "url", url)  # an RDBStorage
     if url is None or "@" not in url:
         return url
     scheme, _, rest = url.partition("://")

@@ -1,0 +1,123 @@
+"""The FastAPI application: ``create_app(settings)``; ``hmaopt serve`` runs it with uvicorn.
+
+The API never imports torch or transformers. At start it checks the database schema (the
+fix is ``hmaopt db upgrade``) and re-enqueues the unfinished jobs Redis has lost; it repeats
+the latter every ``HMAOPT_MAINTENANCE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service._version import __version__
+from service.api import errors
+from service.api.metrics import Metrics
+from service.api.routes import health, jobs
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Heterogeneous Model Averaging (HMA) as a service: submit a merge-search job, workers search
+per-group merge ratios that maximise the alignment reward under an alignment-tax budget.
+
+**Ratio convention**: a ratio is the weight on the ALIGNED (post-RLHF) model,
+`merged = base + ratio * (aligned - base)`; ratio 0 is the base model, 1 the aligned one.
+
+**Auth**: `Authorization: Bearer <token>` (`hmaopt token create --role ROLE`). Reads need the
+viewer role, submit / cancel / export need operator.
+
+**Errors** are JSON: `{"error": code, "message": text, "field": name}`; an invalid spec gets
+422 with the offending `field`.
+"""
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length, or counted)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(errors.error_body(
+            "too_large", f"request body over {self.limit} bytes "
+            "(HMAOPT_MAX_REQUEST_BYTES)")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _maintenance(settings: Settings, stop: threading.Event) -> None:
+    from service import queue
+
+    while True:
+        try:
+            queue.reconcile(settings)
+        except Exception as exc:
+            log.warning("maintenance: %s", exc)
+        if stop.wait(settings.maintenance_seconds):
+            return
+
+
+def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from service.db.migrate import check_schema
+
+        check_schema(settings.database())
+        stop = threading.Event()
+        thread = None
+        if maintenance:
+            thread = threading.Thread(target=_maintenance, args=(settings, stop),
+                                      name="hmaopt-maintenance", daemon=True)
+            thread.start()
+        yield
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    app = FastAPI(title="hmaopt", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan,
+                  openapi_tags=[{"name": "jobs", "description": "merge-search jobs"},
+                                {"name": "health", "description": "probes and metrics"}])
+    app.state.settings = settings
+    app.state.metrics = Metrics(settings)
+    errors.install(app)
+    app.middleware("http")(app.state.metrics.middleware())
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,193 @@
+"""/v1/jobs: submit, list, inspect, cancel, trials, best, pareto, events, export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from service import queue
+from service.api.deps import Operator, SessionDep, SettingsDep, Viewer
+from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetail, JobList,
+                                 TrialList, TrialPublic, job_summary, trial_public)
+from service.db import jobs as job_db
+from service.db import session_scope
+from service.errors import ConflictError, NotFoundError
+from service.paths import resolve_path, resolve_job_paths
+from service.spec import JobSpec
+from service.status import TERMINAL, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS = {401: {"model": ErrorBody, "description": "no or unknown API token"},
+          403: {"model": ErrorBody, "description": "role too low, or a path outside the roots"},
+          404: {"model": ErrorBody, "description": "no such job"}}
+#: seconds an events stream waits on Redis before a keep-alive comment
+EVENTS_BLOCK_SECONDS = 15
+
+
+@router.post("", status_code=201, response_model=JobDetail, responses={
+    **ERRORS, 200: {"model": JobDetail, "description": "same Idempotency-Key: the job "
+                    "submitted before"},
+    409: {"model": ErrorBody, "description": "Idempotency-Key reused with another spec"},
+    422: {"model": ErrorBody, "description": "invalid spec; `field` names the field"},
+    503: {"model": ErrorBody, "description": "database or Redis unavailable"}})
+def submit_job(spec: Annotated[JobSpec, Body()], caller: Operator, session: SessionDep,
+               settings: SettingsDep, response: Response,
+               idempotency_key: Annotated[str | None, Header(
+                   max_length=200, description="resubmitting with the same key returns the "
+                   "first job instead of a new one")] = None):
+    """Submit a merge-search job (the job-spec schema of the CLI file). Relative paths
+    resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS)."""
+    spec.check()
+    resolved = resolve_job_paths(spec, settings)
+    job, created = job_db.create_job(
+        session, resolved.model_dump(mode="json"), n_trials=spec.search.n_trials,
+        parallel=spec.search.workers, token_id=caller.id, submitted_by=caller.name,
+        idempotency_key=idempotency_key)
+    session.commit()  # the row is the truth: it exists before Redis hears of it
+    if created:
+        queue.enqueue_runs(settings, job.id, job.parallel)
+        queue.publish(settings, job.id, "status", {"status": JobStatus.QUEUED.value})
+        session.refresh(job)
+    else:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_summary(job, detail=True)
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+def list_jobs(_: Viewer, session: SessionDep,
+              status: Annotated[list[JobStatus] | None, Query(description="repeatable")] = None,
+              name: str | None = None,
+              q: Annotated[str | None, Query(description="text in name, id or submitter")] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0):
+    """Jobs, newest first."""
+    rows, total = job_db.list_jobs(session, status=[s.value for s in status or []], name=name,
+                                   q=q, limit=limit, offset=offset)
+    return JobList(data=[job_summary(j) for j in rows], count=total)
+
+
+@router.get("/{job_id}", response_model=JobDetail, responses=ERRORS)
+def get_job(job_id: str, _: Viewer, session: SessionDep):
+    """Status, progress, best so far, the uniform baseline and the gain over it."""
+    return job_summary(job_db.get_job(session, job_id), detail=True)
+
+
+@router.post("/{job_id}/cancel", response_model=JobDetail, responses={
+    **ERRORS, 409: {"model": ErrorBody, "description": "the job has already finished"}})
+def cancel_job(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep):
+    """Cancel: a queued job at once; a running one within seconds (its worker stops at the
+    next evaluation batch). ``cancel_requested`` is true until the status says cancelled."""
+    job = job_db.request_cancel(session, job_id)
+    session.commit()
+    queue.set_cancel_flag(settings, job_id)
+    if job.status == JobStatus.CANCELLED:
+        queue.publish(settings, job_id, "status", {"status": JobStatus.CANCELLED.value})
+    return job_summary(job, detail=True)
+
+
+@router.get("/{job_id}/trials", response_model=TrialList, responses=ERRORS)
+def list_trials(job_id: str, _: Viewer, session: SessionDep,
+                sort: Literal["number", "reward", "tax", "eval_seconds", "merge_seconds"] = "number",
+                order: Literal["asc", "desc"] = "asc",
+                kind: Literal["uniform", "search"] | None = None,
+                feasible: bool | None = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                offset: Annotated[int, Query(ge=0)] = 0):
+    """Finished trials (complete or pruned), paged and sorted."""
+    rows, total = job_db.list_trials(session, job_id, sort=sort, desc=order == "desc",
+                                     kind=kind, feasible=feasible, limit=limit, offset=offset)
+    return TrialList(data=[trial_public(t) for t in rows], count=total)
+
+
+@router.get("/{job_id}/best", response_model=TrialPublic, responses={
+    **ERRORS, 404: {"model": ErrorBody, "description": "no such job, or no feasible trial yet"}})
+def best_trial(job_id: str, _: Viewer, session: SessionDep):
+    """The feasible trial (tax <= budget) of highest reward so far."""
+    best = job_db.best_trial(session, job_id)
+    if best is None:
+        raise NotFoundError(f"job {job_id} has no feasible trial yet")
+    return trial_public(best)
+
+
+@router.get("/{job_id}/pareto", response_model=TrialList, responses=ERRORS)
+def pareto(job_id: str, _: Viewer, session: SessionDep):
+    """Feasible trials not dominated in (higher reward, lower tax), by tax."""
+    rows = job_db.pareto_trials(session, job_id)
+    return TrialList(data=[trial_public(t) for t in rows], count=len(rows))
+
+
+@router.post("/{job_id}/export", status_code=202, response_model=ExportState, responses={
+    **ERRORS, 409: {"model": ErrorBody, "description": "no feasible trial, or an export is "
+                    "already running"},
+    422: {"model": ErrorBody, "description": "no dir given and the spec has no export.dir"}})
+def export(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep,
+           body: ExportRequest | None = None):
+    """Materialise the best merge as a Hugging Face checkpoint with hma_manifest.json (a
+    worker does it; follow ``export`` in GET /v1/jobs/{id} or the events)."""
+    from service.errors import SpecError
+
+    body = body or ExportRequest()
+    job = job_db.get_job(session, job_id, lock=True)
+    raw = body.dir or (job.spec.get("export") or {}).get("dir")
+    if raw is None:
+        raise SpecError("give a dir (the spec has no export.dir)", field="dir")
+    out = resolve_path("export.dir", raw, settings.model_roots, must_exist=False)
+    if job.best_ratios is None:
+        raise ConflictError(f"job {job_id} has no feasible trial to export yet")
+    if job.export_status in ("queued", "running"):
+        raise ConflictError(f"job {job_id}: an export is already {job.export_status}")
+    job.export_status, job.export_dir, job.export_error = "queued", out, None
+    session.commit()
+    queue.enqueue_export(settings, job_id, out, overwrite=body.overwrite)
+    return ExportState(status="queued", dir=out, error=None)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+async def events(job_id: str, request: Request, _: Viewer, settings: SettingsDep,
+                 last_event_id: Annotated[str | None, Header()] = None,
+                 since: Annotated[str | None, Query(description="stream id to start after "
+                                                    "(as Last-Event-ID); default: the start")]
+                 = None):
+    """Server-sent events: ``status`` (status changes), ``trial`` (each finished trial with
+    the job's progress), ``export``, ``worker_lost``. Each event's id is its stream id:
+    reconnecting with Last-Event-ID resumes after it. The stream ends after a final status."""
+    import redis.asyncio as aioredis
+
+    def load():
+        with session_scope(settings.database()) as s:
+            return job_summary(job_db.get_job(s, job_id)).model_dump(mode="json")
+
+    snapshot = await run_in_threadpool(load)
+    yield ServerSentEvent(event="job", data=snapshot, retry=3000)
+    if JobStatus(snapshot["status"]) in TERMINAL and (last_event_id or since) is None:
+        return
+    cursor = last_event_id or since or "0"
+    conn = aioredis.Redis.from_url(queue.redis_url(settings))
+    try:
+        while not await request.is_disconnected():
+            found = await conn.xread({queue.Keys.events(job_id): cursor}, count=100,
+                                     block=EVENTS_BLOCK_SECONDS * 1000)
+            if not found:
+                status = (await run_in_threadpool(load))["status"]
+                if JobStatus(status) in TERMINAL:
+                    return
+                yield ServerSentEvent(comment="keep-alive")
+                continue
+            for _key, entries in found:
+                for entry_id, fields in entries:
+                    cursor = entry_id.decode()
+                    kind = fields[b"type"].decode()
+                    data = json.loads(fields[b"data"])
+                    yield ServerSentEvent(event=kind, data=data, id=cursor)
+                    if kind == "status" and JobStatus(data["status"]) in TERMINAL:
+                        return
+            await asyncio.sleep(0)
+    finally:
+        await conn.aclose()

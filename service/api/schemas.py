@@ -1,0 +1,154 @@
+"""Response shapes of the REST API (separate from the table models); lists are
+``{"data": [...], "count": N}`` where ``count`` is the total before paging.
+
+Ratio convention in every field named ``ratios``: a ratio is the weight on the ALIGNED model,
+merged = base + ratio * (aligned - base); 0 = base (pre-RLHF), 1 = aligned (post-RLHF).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from service.db.models import Job, Trial
+from service.status import JobStatus
+
+RATIOS = ("Ratio per group slot, the weight on the ALIGNED model: merged = base + ratio * "
+          "(aligned - base); 0 = base, 1 = aligned.")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. invalid_spec, forbidden")
+    message: str = Field(description="what is wrong and what to do")
+    field: str | None = Field(None, description="the offending field of the request, if any")
+
+    model_config = {"json_schema_extra": {"examples": [
+        {"error": "invalid_spec", "message": "tax.budget: Input should be greater than or "
+         "equal to 0", "field": "tax.budget"}]}}
+
+
+class Progress(BaseModel):
+    trials_finished: int = Field(description="complete or pruned trials, the baseline included")
+    trials_pruned: int
+    n_trials: int
+    fraction: float
+
+
+class BestTrial(BaseModel):
+    trial: int
+    reward: float
+    tax: float
+    ratios: dict[str, float] = Field(description=RATIOS)
+
+
+class Baseline(BaseModel):
+    ratio: float | None = Field(description="the best feasible uniform ratio (vanilla averaging)")
+    reward: float
+    tax: float | None
+
+
+class ExportState(BaseModel):
+    status: str | None = Field(description="none yet, running, succeeded or failed")
+    dir: str | None
+    error: str | None
+    manifest: dict | None = None
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str
+    status: JobStatus
+    submitted_by: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    progress: Progress
+    best: BestTrial | None = Field(description="best feasible trial so far (tax <= budget)")
+    baseline: Baseline | None = Field(description="best feasible uniform ratio so far")
+    gain: float | None = Field(description="best reward minus the baseline's, same budget")
+    budget: float
+    base_model: str
+    aligned_model: str
+    cancel_requested: bool
+    error: str | None
+
+
+class JobDetail(JobSummary):
+    spec: dict = Field(description="the job spec, paths resolved inside the server's roots")
+    result: dict | None = Field(description="the final result: holdout figures, pareto front, "
+                                "timings (as `hmaopt search --json`)")
+    export: ExportState
+
+
+class JobList(BaseModel):
+    data: list[JobSummary]
+    count: int
+
+
+class TrialPublic(BaseModel):
+    number: int
+    kind: str = Field(description="uniform (the vanilla-averaging baseline) or search")
+    state: str = Field(description="complete or pruned (stopped after stage 1)")
+    ratios: dict[str, float] = Field(description=RATIOS)
+    reward: float | None
+    tax: float
+    feasible: bool
+    stage: int
+    metrics: dict[str, float | None]
+    task_tax: dict[str, float | None]
+    uniform_ratio: float | None
+    merge_seconds: float
+    eval_seconds: float
+    worker_id: str | None
+    finished_at: datetime
+
+
+class TrialList(BaseModel):
+    data: list[TrialPublic]
+    count: int
+
+
+class ExportRequest(BaseModel):
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [
+        {"dir": "exports/demo-best", "overwrite": False}]}}
+
+    dir: str | None = Field(None, description="output folder inside the model roots (default: "
+                            "the spec's export.dir)")
+    overwrite: bool = False
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}
+
+
+def job_summary(job: Job, detail: bool = False) -> JobSummary | JobDetail:
+    best = None
+    if job.best_reward is not None:
+        best = BestTrial(trial=job.best_trial, reward=job.best_reward, tax=job.best_tax,
+                         ratios=job.best_ratios or {})
+    baseline = None
+    if job.baseline_reward is not None:
+        baseline = Baseline(ratio=job.baseline_ratio, reward=job.baseline_reward,
+                            tax=job.baseline_tax)
+    fields = dict(
+        id=job.id, name=job.name, status=job.status, submitted_by=job.submitted_by,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        updated_at=job.updated_at,
+        progress=Progress(trials_finished=job.trials_finished, trials_pruned=job.trials_pruned,
+                          n_trials=job.n_trials,
+                          fraction=min(1.0, job.trials_finished / max(job.n_trials, 1))),
+        best=best, baseline=baseline, gain=job.gain, budget=job.spec["tax"]["budget"],
+        base_model=job.spec["base_model"], aligned_model=job.spec["aligned_model"],
+        cancel_requested=job.cancel_requested, error=job.error)
+    if not detail:
+        return JobSummary(**fields)
+    return JobDetail(**fields, spec=job.spec, result=job.result, export=ExportState(
+        status=job.export_status, dir=job.export_dir, error=job.export_error,
+        manifest=job.export_manifest))
+
+
+def trial_public(t: Trial) -> TrialPublic:
+    return TrialPublic.model_validate(t, from_attributes=True)

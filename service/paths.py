@@ -1,0 +1,69 @@
+"""Path resolution inside the configured roots: the one place a submitted path is checked.
+
+A job submitted to the server may only read models under ``HMAOPT_MODEL_ROOTS`` and data
+under ``HMAOPT_DATA_ROOTS``, and write its export under the model roots. Paths are resolved
+with symlinks followed (``realpath``), so a link inside a root that points outside is refused.
+Relative paths are looked up in each root in turn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from service.errors import PathNotAllowedError, PermissionDeniedError, SpecError
+from service.settings import Settings
+from service.spec import JobSpec
+
+#: spec fields that name models (the rest name data)
+MODEL_FIELDS = ("base_model", "aligned_model", "reward.model")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = True) -> str:
+    """``raw`` resolved (symlinks followed) inside one of ``roots``, else PathNotAllowedError."""
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    kind = "model" if field in MODEL_FIELDS or field == "export.dir" else "data"
+    setting = f"HMAOPT_{kind.upper()}_ROOTS"
+    if not real_roots:
+        raise PathNotAllowedError(f"{field}: no {kind} roots are configured; set {setting}")
+    candidates = ([Path(raw)] if Path(raw).is_absolute()
+                  else [root / raw for root in real_roots])
+    resolved = [Path(os.path.realpath(c)) for c in candidates]
+    existing = [p for p in resolved if p.exists()]
+    if must_exist and not existing:
+        where = raw if Path(raw).is_absolute() else f"{raw} (looked in {', '.join(map(str, real_roots))})"
+        # outside the roots or not: do not tell which files exist outside the roots
+        if Path(raw).is_absolute() and not _inside(resolved[0], real_roots):
+            raise PathNotAllowedError(
+                f"{field}: {raw} is outside the allowed {kind} roots ({setting}: "
+                f"{', '.join(map(str, real_roots))})")
+        raise SpecError(f"{where} does not exist", field=field)
+    path = (existing or resolved)[0]
+    if not _inside(path, real_roots):
+        raise PathNotAllowedError(
+            f"{field}: {raw} resolves to {path}, outside the allowed {kind} roots ({setting}: "
+            f"{', '.join(map(str, real_roots))})")
+    return str(path)
+
+
+def resolve_job_paths(spec: JobSpec, settings: Settings) -> JobSpec:
+    """The spec with every path resolved inside the roots; refuses what the settings forbid."""
+    if spec.reward.type == "python" and not settings.allow_python_reward:
+        raise PermissionDeniedError(
+            "reward.type: python rewards run code named by the job; the server refuses them "
+            "unless the admin sets HMAOPT_ALLOW_PYTHON_REWARD=true")
+
+    def resolve(field: str, raw: str) -> str:
+        roots = settings.model_roots if field in MODEL_FIELDS else settings.data_roots
+        return resolve_path(field, raw, roots)
+
+    resolved = spec.with_paths(resolve)
+    if spec.export is not None:
+        out = resolve_path("export.dir", spec.export.dir, settings.model_roots, must_exist=False)
+        resolved = resolved.model_copy(update={"export": spec.export.model_copy(
+            update={"dir": out})})
+    return resolved

@@ -1,0 +1,224 @@
+"""Redis: the RQ queue that carries jobs to workers, job events, cancel flags.
+
+Redis is transport only. The job row in the database is the source of truth: a job the
+database says is queued but Redis has lost (a restart: Redis keeps nothing on disk here) is
+enqueued again by :func:`reconcile`, which the API runs at start and every
+``HMAOPT_MAINTENANCE_SECONDS``, and every worker runs too.
+
+Keys (prefix ``hmaopt:``) come from :class:`Keys`; RQ keeps its own under ``rq:``. The RQ id
+of a job's n-th run is ``<job id>-<n>`` (:func:`run_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+
+from service.db import jobs as job_db
+from service.db import session_scope
+from service.db import workers as worker_db
+from service.errors import DependencyUnavailableError
+from service.settings import Settings
+from service.status import JobStatus
+
+log = logging.getLogger(__name__)
+
+#: the function a worker runs for one job run
+RUN_FUNCTION = "workers.loop.run_job"
+#: the function a worker runs to export a job's best merge
+EXPORT_FUNCTION = "workers.loop.export_job"
+#: events kept per job stream (older ones are trimmed)
+EVENTS_MAXLEN = 100_000
+#: seconds a cancel flag stays in Redis (the database keeps it for good)
+CANCEL_TTL = 7 * 24 * 3600
+#: seconds RQ keeps a finished run's return value
+RESULT_TTL = 24 * 3600
+LIVE_RQ_STATES = {"queued", "started", "deferred", "scheduled"}
+
+
+class Keys:
+    """The one builder of hmaopt's Redis keys."""
+
+    prefix = "hmaopt"
+
+    @classmethod
+    def events(cls, job_id: str) -> str:
+        return f"{cls.prefix}:events:{job_id}"
+
+    @classmethod
+    def cancel(cls, job_id: str) -> str:
+        return f"{cls.prefix}:cancel:{job_id}"
+
+    @classmethod
+    def lock(cls, job_id: str, what: str) -> str:
+        return f"{cls.prefix}:lock:{job_id}:{what}"
+
+
+def run_id(job_id: str, n: int) -> str:
+    return f"{job_id}-{n}"
+
+
+@lru_cache(maxsize=8)
+def redis_client(url: str):
+    """A Redis client for ``url`` (one pool per URL and process)."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
+                                health_check_interval=30)
+
+
+def redis_url(settings: Settings) -> str:
+    """REDIS_URL, or the URL the embedded Valkey server wrote under HMAOPT_HOME."""
+    if settings.redis_url:
+        return settings.redis_url
+    file = settings.home / "redis.url"
+    if file.is_file():
+        return file.read_text().strip()
+    raise DependencyUnavailableError(
+        "no Redis: set REDIS_URL, or start the embedded stack with `hmaopt serve`")
+
+
+def _queue(settings: Settings, conn):
+    from rq import Queue
+
+    return Queue(settings.queue_name, connection=conn, default_timeout=settings.job_timeout_seconds)
+
+
+def _redis_error(exc: Exception, url: str) -> DependencyUnavailableError:
+    return DependencyUnavailableError(f"cannot reach Redis at {url}: {exc}; check REDIS_URL")
+
+
+def enqueue_runs(settings: Settings, job_id: str, count: int = 1) -> list[str]:
+    """Enqueue ``count`` runs of a job (several workers may share one job)."""
+    import redis
+
+    url = redis_url(settings)
+    conn = redis_client(url)
+    queue = _queue(settings, conn)
+    with session_scope(settings.database()) as session:
+        job = job_db.get_job(session, job_id)
+        first = job.runs_enqueued + 1
+        job.runs_enqueued += count
+    ids = [run_id(job_id, n) for n in range(first, first + count)]
+    try:
+        for rid in ids:
+            queue.enqueue(RUN_FUNCTION, job_id, job_id=rid,
+                          job_timeout=settings.job_timeout_seconds, result_ttl=RESULT_TTL,
+                          description=f"hmaopt job {job_id}")
+    except redis.RedisError as exc:
+        raise _redis_error(exc, url) from exc
+    log.info("job %s: enqueued %s", job_id, ", ".join(ids))
+    return ids
+
+
+def enqueue_export(settings: Settings, job_id: str, out_dir: str, *,
+                   overwrite: bool = False) -> str:
+    import redis
+
+    url = redis_url(settings)
+    try:
+        job = _queue(settings, redis_client(url)).enqueue(
+            EXPORT_FUNCTION, job_id, out_dir, overwrite, job_timeout=settings.job_timeout_seconds,
+            result_ttl=RESULT_TTL, description=f"hmaopt export of job {job_id}")
+    except redis.RedisError as exc:
+        raise _redis_error(exc, url) from exc
+    return job.id
+
+
+def live_runs(settings: Settings, job_id: str, runs_enqueued: int) -> int:
+    """How many of a job's RQ runs are still queued or started in Redis."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job as RQJob
+
+    conn = redis_client(redis_url(settings))
+    live = 0
+    for n in range(1, runs_enqueued + 1):
+        try:
+            status = RQJob.fetch(run_id(job_id, n), connection=conn).get_status(refresh=False)
+        except NoSuchJobError:
+            continue
+        if status is not None and str(getattr(status, "value", status)) in LIVE_RQ_STATES:
+            live += 1
+    return live
+
+
+def reconcile(settings: Settings) -> list[str]:
+    """Enqueue again every unfinished job that has fewer live runs than it asks for.
+
+    A run counts as live when Redis has it queued or started, or a live worker (by the
+    database's heartbeats) is on the job. Returns the ids of the jobs enqueued.
+    """
+    import redis
+
+    url = settings.database()
+    done = []
+    with session_scope(url) as session:
+        pending = [(j.id, j.status, j.parallel, j.runs_enqueued, j.cancel_requested)
+                   for j in job_db.jobs_to_reconcile(session)]
+    for job_id, status, parallel, enqueued, cancel in pending:
+        if cancel:
+            continue
+        try:
+            rq_live = live_runs(settings, job_id, enqueued)
+        except redis.RedisError as exc:
+            raise _redis_error(exc, redis_url(settings)) from exc
+        with session_scope(url) as session:
+            workers = len(worker_db.alive(session, job_id=job_id,
+                                          seconds=settings.worker_stale_seconds))
+        missing = parallel - max(rq_live, workers)
+        if missing > 0:
+            log.warning("job %s (%s): %d run(s) missing from Redis, enqueueing again",
+                        job_id, status, missing)
+            enqueue_runs(settings, job_id, missing)
+            done.append(job_id)
+    return done
+
+
+# ------------------------------------------------------------------------------ events
+
+def publish(settings: Settings, job_id: str, kind: str, data: dict) -> str | None:
+    """Append an event to the job's stream; a Redis failure is logged, never raised
+    (events are a live view: the database holds the record)."""
+    import redis
+
+    try:
+        conn = redis_client(redis_url(settings))
+        return conn.xadd(Keys.events(job_id), {"type": kind, "data": json.dumps(data)},
+                         maxlen=EVENTS_MAXLEN, approximate=True).decode()
+    except (redis.RedisError, DependencyUnavailableError) as exc:
+        log.warning("job %s: event %s not published: %s", job_id, kind, exc)
+        return None
+
+
+def set_cancel_flag(settings: Settings, job_id: str) -> None:
+    import redis
+
+    try:
+        redis_client(redis_url(settings)).set(Keys.cancel(job_id), b"1", ex=CANCEL_TTL)
+    except (redis.RedisError, DependencyUnavailableError) as exc:  # the DB flag still holds
+        log.warning("job %s: cancel flag not set in Redis: %s", job_id, exc)
+
+
+def cancel_flagged(settings: Settings, job_id: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis_client(redis_url(settings)).exists(Keys.cancel(job_id)))
+    except (redis.RedisError, DependencyUnavailableError):
+        return False
+
+
+def wait_for_redis(url: str, timeout: float = 10.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            redis_client(url).ping()
+            return
+        except redis.RedisError as exc:
+            if time.monotonic() > deadline:
+                raise _redis_error(exc, url) from exc
+            time.sleep(0.2)
