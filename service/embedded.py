@@ -90,7 +90,8 @@ class EmbeddedStack:
         out = open(self.log_dir / f"worker-{index}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--device", device,
                                  "--name", f"local-{index}"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         out.close()
         log.info("local worker %d (pid %d, device %s), log %s", index, proc.pid, device,
                  self.log_dir / f"worker-{index}.log")
@@ -126,6 +127,16 @@ class EmbeddedStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """Linux: a local worker gets SIGTERM when the process that started it dies (even by
+    SIGKILL), so no orphan keeps polling a Valkey server that is gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ApiThread:

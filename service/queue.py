@@ -35,6 +35,9 @@ EVENTS_MAXLEN = 100_000
 CANCEL_TTL = 7 * 24 * 3600
 #: seconds RQ keeps a finished run's return value
 RESULT_TTL = 24 * 3600
+#: seconds after submission before reconcile may consider a job lost (its first enqueue may
+#: still be on the way)
+RECONCILE_GRACE_SECONDS = 5
 LIVE_RQ_STATES = {"queued", "started", "deferred", "scheduled"}
 
 
@@ -98,9 +101,8 @@ def enqueue_runs(settings: Settings, job_id: str, count: int = 1) -> list[str]:
     conn = redis_client(url)
     queue = _queue(settings, conn)
     with session_scope(settings.database()) as session:
-        job = job_db.get_job(session, job_id)
-        first = job.runs_enqueued + 1
-        job.runs_enqueued += count
+        last = job_db.count_runs(session, job_id, count)
+    first = last - count + 1
     ids = [run_id(job_id, n) for n in range(first, first + count)]
     try:
         for rid in ids:
@@ -156,7 +158,7 @@ def reconcile(settings: Settings) -> list[str]:
     done = []
     with session_scope(url) as session:
         pending = [(j.id, j.status, j.parallel, j.runs_enqueued, j.cancel_requested)
-                   for j in job_db.jobs_to_reconcile(session)]
+                   for j in job_db.jobs_to_reconcile(session, RECONCILE_GRACE_SECONDS)]
     for job_id, status, parallel, enqueued, cancel in pending:
         if cancel:
             continue

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Default maximum size of one exported safetensors shard, in bytes (5 GB, as Hugging Face).
@@ -111,6 +111,27 @@ class Settings(BaseSettings):
     @classmethod
     def _paths(cls, value):
         return _split_paths(value)
+
+    @field_validator("model_roots", "data_roots")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        return [p.expanduser().resolve() for p in value]
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                             f"got {value!r}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _liveness(self) -> Settings:
+        if self.worker_stale_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(f"worker_stale_seconds ({self.worker_stale_seconds}) must be at "
+                             f"least twice heartbeat_seconds ({self.heartbeat_seconds}), or live "
+                             "workers are declared dead")
+        return self
 
     @property
     def embedded_database(self) -> bool:

@@ -182,9 +182,23 @@ def claim_finalizer(session, job_id: str, worker_id: str) -> bool:
     return session.execute(stmt).rowcount == 1
 
 
-def jobs_to_reconcile(session) -> list[Job]:
+def count_runs(session, job_id: str, count: int) -> int:
+    """Add ``count`` to a job's enqueued runs atomically; returns the new total."""
+    total = session.execute(update(Job).where(Job.id == job_id)
+                            .values(runs_enqueued=Job.runs_enqueued + count)
+                            .returning(Job.runs_enqueued)).scalar()
+    if total is None:
+        raise NotFoundError(f"no job with id {job_id}")
+    return total
+
+
+def jobs_to_reconcile(session, grace_seconds: float = 0) -> list[Job]:
+    """Unfinished jobs submitted more than ``grace_seconds`` ago."""
+    from datetime import timedelta
+
     return list(session.scalars(select(Job).where(
-        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))))
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+        Job.created_at < utcnow() - timedelta(seconds=grace_seconds))))
 
 
 def status_counts(session) -> dict[str, int]:

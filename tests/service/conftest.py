@@ -130,6 +130,7 @@ class Stack:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
     def start_worker(self, name: str = "w", *extra: str) -> subprocess.Popen:
+        Path(self.settings.home).mkdir(parents=True, exist_ok=True)
         log = open(Path(self.settings.home) / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker", "--device", "cpu", "--name", name,

@@ -169,7 +169,8 @@ async def events(job_id: str, request: Request, _: Viewer, settings: SettingsDep
     if JobStatus(snapshot["status"]) in TERMINAL and (last_event_id or since) is None:
         return
     cursor = last_event_id or since or "0"
-    conn = aioredis.Redis.from_url(queue.redis_url(settings))
+    conn = aioredis.Redis.from_url(queue.redis_url(settings),
+                                   socket_timeout=EVENTS_BLOCK_SECONDS + 15)
     try:
         while not await request.is_disconnected():
             found = await conn.xread({queue.Keys.events(job_id): cursor}, count=100,
