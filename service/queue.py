@@ -56,6 +56,7 @@ class Keys:
 
     @classmethod
     def lock(cls, job_id: str, what: str) -> str:
+        """A lock of one job (or of every job: ``job_id="all"``)."""
         return f"{cls.prefix}:lock:{job_id}:{what}"
 
 

@@ -54,6 +54,11 @@ class WorkerStopping(BaseException):
     """The worker was asked to stop (SIGTERM): the job goes back to the queue."""
 
 
+class WorkerLost(BaseException):
+    """This worker was declared dead (silent too long) while running: maintenance has failed
+    its trials and re-enqueued the job, so the run is abandoned as it stands."""
+
+
 # ------------------------------------------------------------------------------ the process
 
 class WorkerProcess:
@@ -69,6 +74,7 @@ class WorkerProcess:
             row = worker_db.register(session, device=device, name=name)
             self.id, self.name = row.id, row.name
         self.job_id: str | None = None
+        self.lost = False
         self.rq_worker = None
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._beat, name="hmaopt-heartbeat", daemon=True),
@@ -94,8 +100,11 @@ class WorkerProcess:
                                         state="busy" if self.job_id else "idle",
                                         job_id=self.job_id)
         if not alive:
-            # declared dead while alive (a long pause): rejoin under the same id
-            log.warning("worker %s: was declared dead; reporting alive again", self.name)
+            # declared dead while alive (a long pause): its trials were failed and its job
+            # re-enqueued, so the run in hand is abandoned; the worker itself goes on
+            log.warning("worker %s: was declared dead; abandoning job %s, reporting alive "
+                        "again", self.name, self.job_id)
+            self.lost = self.job_id is not None
             with session_scope(self.url) as session:
                 from service.db.models import Worker
 
@@ -191,6 +200,8 @@ def recover_dead_workers(settings: Settings) -> list[str]:
             job = job_db.get_job(session, job_id)
             if JobStatus(job.status).terminal:
                 continue
+            if job.finalizer == wid:  # it died writing the result: another worker will
+                job.finalizer = None
             others = [w for w in worker_db.alive(session, job_id=job_id) if w.id != wid]
             if not others:
                 job_db.set_status(session, job_id, JobStatus.QUEUED, expect={JobStatus.RUNNING})
@@ -266,6 +277,8 @@ class JobRun:
 
     def check_batch(self, *_args) -> None:
         """on_batch hook: stop at a batch boundary when the job was cancelled."""
+        if self.worker.lost:
+            raise WorkerLost()
         if queue.cancel_flagged(self.settings, self.job_id):
             raise JobCancelled()
 
@@ -281,10 +294,14 @@ class JobRun:
             return "cancelled"
         if not self.set_status(JobStatus.RUNNING, expect={JobStatus.QUEUED, JobStatus.RUNNING}):
             return "job changed state"
-        self.worker.job_id = self.job_id
+        self.worker.job_id, self.worker.lost = self.job_id, False
         self.worker.heartbeat()
         try:
             return self._search(JobSpec.model_validate(spec))
+        except WorkerLost:
+            log.warning("worker %s: job %s abandoned (declared dead meanwhile)",
+                        self.worker.name, self.job_id)
+            return "abandoned: this worker was declared dead"
         except JobCancelled:
             self.set_status(JobStatus.CANCELLED, expect={JobStatus.QUEUED, JobStatus.RUNNING})
             return "cancelled"
@@ -320,7 +337,10 @@ class JobRun:
         t0 = time.perf_counter()
         merger, evaluator = load_job(spec, device=self.worker.device)
         conn = queue.redis_client(queue.redis_url(self.settings))
-        storage = _storage(self.url)
+        # opening the storage may create Optuna's tables: one process at a time
+        with conn.lock(queue.Keys.lock("all", "optuna-schema"), timeout=60,
+                       blocking_timeout=120):
+            storage = _storage(self.url)
         with conn.lock(queue.Keys.lock(self.job_id, "setup"), timeout=120,
                        blocking_timeout=300):
             search = Search(spec, merger, evaluator, storage=storage,
@@ -342,7 +362,14 @@ class JobRun:
                     time.sleep(IDLE_POLL_SECONDS)
                     continue
                 break
-            record = search.run_trial(on_batch=self.check_batch, trial=trial)
+            try:
+                record = search.run_trial(on_batch=self.check_batch, trial=trial)
+            except Exception:
+                if self.worker.lost:  # the trial was failed by maintenance under our feet
+                    raise WorkerLost() from None
+                raise
+            if self.worker.lost:
+                raise WorkerLost()
             self._record(search, record)
         with session_scope(self.url) as session:
             mine = job_db.claim_finalizer(session, self.job_id, self.worker.id)

@@ -38,24 +38,38 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+def _check(session: Session, creds, role: Role) -> Token:
+    row = token_db.authenticate(session, creds.credentials if creds is not None else None)
+    if not Role(row.role).allows(role):
+        raise PermissionDeniedError(
+            f"this needs the {role.value} role; token {row.name!r} has {row.role}")
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > timedelta(
+            seconds=TOKEN_TOUCH_SECONDS):
+        row.last_used_at = now
+    return row
+
+
 def _caller(role: Role):
-    def dependency(session: SessionDep, request: Request,
+    def dependency(session: SessionDep,
                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
                    ) -> Token:
-        token = creds.credentials if creds is not None else None
-        row = token_db.authenticate(session, token)
-        if not Role(row.role).allows(role):
-            raise PermissionDeniedError(
-                f"this needs the {role.value} role; token {row.name!r} has {row.role}")
-        now = utcnow()
-        if row.last_used_at is None or now - row.last_used_at > timedelta(
-                seconds=TOKEN_TOUCH_SECONDS):
-            row.last_used_at = now
-        request.state.caller = row
-        return row
+        return _check(session, creds, role)
+    return dependency
+
+
+def _streaming_caller(role: Role):
+    """For long responses (SSE): authenticate in a session of its own, closed at once, so
+    that an open stream holds no database connection."""
+    def dependency(settings: SettingsDep,
+                   creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                   ) -> Token:
+        with session_scope(settings.database()) as session:
+            return _check(session, creds, role)
     return dependency
 
 
 Viewer = Annotated[Token, Depends(_caller(Role.VIEWER))]
+StreamViewer = Annotated[Token, Depends(_streaming_caller(Role.VIEWER))]
 Operator = Annotated[Token, Depends(_caller(Role.OPERATOR))]
 Admin = Annotated[Token, Depends(_caller(Role.ADMIN))]

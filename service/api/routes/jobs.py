@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service import queue
-from service.api.deps import Operator, SessionDep, SettingsDep, Viewer
+from service.api.deps import Operator, SessionDep, SettingsDep, StreamViewer, Viewer
 from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetail, JobList,
                                  TrialList, TrialPublic, job_summary, trial_public)
 from service.db import jobs as job_db
@@ -150,7 +150,7 @@ def export(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep,
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses=ERRORS)
-async def events(job_id: str, request: Request, _: Viewer, settings: SettingsDep,
+async def events(job_id: str, request: Request, _: StreamViewer, settings: SettingsDep,
                  last_event_id: Annotated[str | None, Header()] = None,
                  since: Annotated[str | None, Query(description="stream id to start after "
                                                     "(as Last-Event-ID); default: the start")]
