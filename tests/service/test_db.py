@@ -1,0 +1,105 @@
+"""The data layer on SQLite and PostgreSQL: migrations, the schema check, queries."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.db import jobs as job_db
+from service.db import session_scope
+from service.db.migrate import check_schema, head_revision, schema_diff, upgrade
+from service.errors import ConflictError, DependencyUnavailableError
+
+
+def test_upgrade_from_empty_matches_the_models(db_url):
+    with pytest.raises(DependencyUnavailableError, match="run `hmaopt db upgrade`"):
+        check_schema(db_url)
+    assert upgrade(db_url) == (None, head_revision())
+    check_schema(db_url)
+    assert schema_diff(db_url) == []  # the migrations build exactly the models' tables
+    assert upgrade(db_url) == (head_revision(), head_revision())  # idempotent
+
+
+def test_optuna_shares_the_database(db_url):
+    import optuna
+    from sqlalchemy import inspect
+
+    from service.db.session import get_engine
+
+    upgrade(db_url)
+    optuna.create_study(storage=db_url, study_name="hmaopt:x")
+    tables = set(inspect(get_engine(db_url)).get_table_names())
+    assert {"studies", "trials", "alembic_version"} <= tables  # Optuna's own
+    assert {"hmaopt_jobs", "hmaopt_trials", "hmaopt_alembic_version"} <= tables
+    check_schema(db_url)
+    assert schema_diff(db_url) == []
+
+
+def _job(session, **kw):
+    spec = {"name": "j", "tax": {"budget": 0.1}, "base_model": "b", "aligned_model": "a"}
+    return job_db.create_job(session, spec, n_trials=8, **kw)
+
+
+def _trial(number, reward, tax, kind="search", feasible=True, **kw):
+    return dict(number=number, kind=kind, state="complete", ratios={"block0": 0.5},
+                reward=reward, tax=tax, feasible=feasible, stage=2, metrics={}, task_tax={},
+                uniform_ratio=0.5 if kind == "uniform" else None, merge_seconds=0.0,
+                eval_seconds=0.1, **kw)
+
+
+def test_trials_recorded_once_and_progress(db_url):
+    upgrade(db_url)
+    with session_scope(db_url) as s:
+        job, created = _job(s)
+        assert created
+        assert job_db.add_trial(s, job.id, **_trial(0, 1.0, 0.0, kind="uniform"))
+        assert not job_db.add_trial(s, job.id, **_trial(0, 9.0, 0.0, kind="uniform"))
+        job_db.add_trial(s, job.id, **_trial(1, 3.0, 0.05))
+        job_db.add_trial(s, job.id, **_trial(2, 5.0, 0.30, feasible=False))
+        job = job_db.refresh_progress(s, job.id)
+        assert job.trials_finished == 3
+        assert (job.best_trial, job.best_reward, job.baseline_reward) == (1, 3.0, 1.0)
+        assert job.gain == pytest.approx(2.0)
+        rows, total = job_db.list_trials(s, job.id, sort="reward", desc=True, limit=2)
+        assert total == 3 and [r.number for r in rows] == [2, 1]
+        assert [t.number for t in job_db.pareto_trials(s, job.id)] == [0, 1]
+
+
+def test_idempotency_finalizer_and_run_counter(db_url):
+    upgrade(db_url)
+    with session_scope(db_url) as s:
+        first, _ = _job(s, token_id="t1", idempotency_key="k")
+        again, created = _job(s, token_id="t1", idempotency_key="k")
+        assert again.id == first.id and not created
+        other, created = _job(s, token_id="t2", idempotency_key="k")  # keys are per token
+        assert created and other.id != first.id
+        with pytest.raises(ConflictError, match="another job spec"):
+            job_db.create_job(s, {"name": "other", "tax": {"budget": 1}}, n_trials=3,
+                              token_id="t1", idempotency_key="k")
+        assert job_db.count_runs(s, first.id, 2) == 2
+        assert job_db.count_runs(s, first.id, 1) == 3
+        assert job_db.claim_finalizer(s, first.id, "w1")
+        assert not job_db.claim_finalizer(s, first.id, "w2")
+
+
+def test_db_upgrade_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["HMAOPT_HOME"] = str(tmp_path)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env,
+                              capture_output=True, text=True)
+
+    assert run("db", "current").returncode == 1
+    first = run("db", "upgrade")
+    assert first.returncode == 0 and "upgraded: empty -> " in first.stdout
+    assert "nothing to do" in run("db", "upgrade").stdout
+    assert run("db", "current").returncode == 0
+    token = run("token", "create", "--role", "viewer", "--name", "ci")
+    assert token.returncode == 0 and token.stdout.strip().startswith("hmaopt_")
+    assert len(token.stdout.strip().splitlines()) == 1  # the token alone on its line
+    listed = run("token", "list").stdout
+    assert "viewer" in listed and token.stdout.strip() not in listed

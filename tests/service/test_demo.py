@@ -1,0 +1,36 @@
+"""`hmaopt demo`, the README's main job, end to end on the embedded default."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+
+def test_demo_runs_the_world_job_over_rest(tmp_path, world):
+    shutil.copytree(world, tmp_path / "demo" / "world")  # the cached world: no rebuild
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("HMAOPT_") and k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(HF_HUB_OFFLINE="1", HMAOPT_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--dir",
+                           str(tmp_path / "demo"), "--no-progress"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout
+    assert "reusing the reference world" in proc.stdout
+    assert "embedded stack up" in proc.stderr and "submitted job" in proc.stderr
+    assert "best ratios" in proc.stdout and "gain" in proc.stdout
+    url = re.search(r"job (http://127\.0\.0\.1:\d+/v1/jobs/\w+)", proc.stdout)
+    assert url, proc.stdout
+    job_id = url.group(1).rsplit("/", 1)[1]
+    # the study is in the embedded SQLite file, readable by Optuna
+    import optuna
+
+    db = tmp_path / "demo" / "service" / "hmaopt.db"
+    study = optuna.load_study(study_name=f"hmaopt:{job_id}", storage=f"sqlite:///{db}")
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) == 40
+    assert study.user_attrs["result"]["feasible"]
+    # everything it started has stopped
+    assert not (tmp_path / "demo" / "service" / "redis.url").exists()
