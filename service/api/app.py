@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from service._version import __version__
 from service.api import errors
 from service.api.metrics import Metrics
-from service.api.routes import health, jobs
+from service.api.routes import health, jobs, workers
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     app = FastAPI(title="hmaopt", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan,
                   openapi_tags=[{"name": "jobs", "description": "merge-search jobs"},
+                                {"name": "workers", "description": "worker liveness"},
                                 {"name": "health", "description": "probes and metrics"}])
     app.state.settings = settings
     app.state.metrics = Metrics(settings)
@@ -120,4 +121,5 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(workers.router)
     return app

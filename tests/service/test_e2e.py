@@ -94,6 +94,10 @@ def test_end_to_end_over_rest(stack, tiny_spec):
     assert sorted(t.number for t in study.trials if t.state.is_finished()) == numbers
     assert study.user_attrs["result"]["best"]["trial"] == final["best"]["trial"]
     assert all(t.user_attrs["worker"] for t in study.trials)
+    # the worker reports its liveness
+    workers = client.request("GET", "/v1/workers")["data"]
+    assert [(w["name"], w["alive"], w["state"]) for w in workers] == [("w", True, "idle")]
+    assert workers[0]["heartbeat_age_seconds"] < stack.settings.worker_stale_seconds
     # resume the event stream after its third event (Last-Event-ID)
     ids = _event_ids(stack, job["id"])
     assert len(ids) >= 4
