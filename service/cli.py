@@ -533,9 +533,10 @@ def follow_job(client, job: dict, *, progress: bool) -> dict:
                 bar.set_postfix_str("none feasible" if best is None else
                                     f"best {best:.4g} @ tax {data['best_tax']:.3f}", refresh=True)
             else:
-                print(f"trial {data['number']:>3} {data['kind']:<7} reward "
-                      f"{data['reward'] if data['reward'] is None else format(data['reward'], '.4g')}"
-                      f" tax {data['tax']:.4f}  ({data['trials_finished']}/{data['n_trials']})",
+                reward = ("pruned" if data["state"] == "pruned" else
+                          f"reward {data['reward']:.4g}")
+                print(f"trial {data['number']:>3} {data['kind']:<7} {reward:<14} tax "
+                      f"{data['tax']:.4f}  ({data['trials_finished']}/{data['n_trials']})",
                       file=sys.stderr)
         elif event in ("status", "worker_lost", "export"):
             msg = data.get("status") or f"worker {data.get('worker')} lost"
@@ -628,7 +629,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"job {url}/v1/jobs/{job['id']}  (token in {token_file})")
         print(f"study: optuna.load_study(study_name='hmaopt:{job['id']}', "
               f"storage='{settings.database()}')")
-        if args.serve:
+        if not args.serve:
+            print("the demo server stops now; `hmaopt demo --serve` keeps it up",
+                  file=sys.stderr)
+        else:
             print(f"serving on {url} until Ctrl-C", file=sys.stderr)
             while api.thread.is_alive():
                 api.thread.join(1.0)
