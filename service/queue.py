@@ -1,7 +1,7 @@
 """Redis: the RQ queue that carries jobs to workers, job events, cancel flags.
 
 Redis is transport only. The job row in the database is the source of truth: a job the
-database says is queued but Redis has lost (a restart: Redis keeps nothing on disk here) is
+database says is queued but Redis has lost (a restart of a Redis that keeps nothing) is
 enqueued again by :func:`reconcile`, which the API runs at start and every
 ``HMAOPT_MAINTENANCE_SECONDS``, and every worker runs too.
 
@@ -39,6 +39,8 @@ RESULT_TTL = 24 * 3600
 #: still be on the way)
 RECONCILE_GRACE_SECONDS = 5
 LIVE_RQ_STATES = {"queued", "started", "deferred", "scheduled"}
+#: RQ name of the worker with database id <id>: ``hmaopt-<id>``
+WORKER_PREFIX = "hmaopt-"
 
 
 class Keys:
@@ -91,7 +93,10 @@ def _queue(settings: Settings, conn):
 
 
 def _redis_error(exc: Exception, url: str) -> DependencyUnavailableError:
-    return DependencyUnavailableError(f"cannot reach Redis at {url}: {exc}; check REDIS_URL")
+    from service.db.session import safe_url
+
+    return DependencyUnavailableError(f"cannot reach Redis at {safe_url(url)}: {exc}; "
+                                      "check REDIS_URL")
 
 
 def enqueue_runs(settings: Settings, job_id: str, count: int = 1) -> list[str]:
@@ -130,8 +135,10 @@ def enqueue_export(settings: Settings, job_id: str, out_dir: str, *,
     return job.id
 
 
-def live_runs(settings: Settings, job_id: str, runs_enqueued: int) -> int:
-    """How many of a job's RQ runs are still queued or started in Redis."""
+def live_runs(settings: Settings, job_id: str, runs_enqueued: int,
+              alive_workers: set[str]) -> int:
+    """How many of a job's RQ runs are queued in Redis, or started by a worker that is alive
+    (a run started by a killed worker stays "started" in RQ until its long timeout)."""
     from rq.exceptions import NoSuchJobError
     from rq.job import Job as RQJob
 
@@ -139,10 +146,14 @@ def live_runs(settings: Settings, job_id: str, runs_enqueued: int) -> int:
     live = 0
     for n in range(1, runs_enqueued + 1):
         try:
-            status = RQJob.fetch(run_id(job_id, n), connection=conn).get_status(refresh=False)
+            rq_job = RQJob.fetch(run_id(job_id, n), connection=conn)
         except NoSuchJobError:
             continue
-        if status is not None and str(getattr(status, "value", status)) in LIVE_RQ_STATES:
+        status = str(getattr(rq_job.get_status(refresh=False), "value", None))
+        if status == "started":
+            owner = (rq_job.worker_name or "").removeprefix(WORKER_PREFIX)
+            live += owner in alive_workers
+        elif status in LIVE_RQ_STATES:
             live += 1
     return live
 
@@ -150,32 +161,55 @@ def live_runs(settings: Settings, job_id: str, runs_enqueued: int) -> int:
 def reconcile(settings: Settings) -> list[str]:
     """Enqueue again every unfinished job that has fewer live runs than it asks for.
 
-    A run counts as live when Redis has it queued or started, or a live worker (by the
-    database's heartbeats) is on the job. Returns the ids of the jobs enqueued.
+    A run counts as live when Redis has it queued, or started by a live worker, or a live
+    worker (by the database's heartbeats) is on the job. One pass at a time over all
+    processes (a Redis lock); a queued job whose cancel was requested is cancelled here.
+    Returns the ids of the jobs enqueued.
     """
     import redis
 
     url = settings.database()
+    conn = redis_client(redis_url(settings))
+    try:
+        lock = conn.lock(Keys.lock("all", "reconcile"), timeout=60)
+        if not lock.acquire(blocking=False):
+            return []
+    except redis.RedisError as exc:
+        raise _redis_error(exc, redis_url(settings)) from exc
     done = []
-    with session_scope(url) as session:
-        pending = [(j.id, j.status, j.parallel, j.runs_enqueued, j.cancel_requested)
-                   for j in job_db.jobs_to_reconcile(session, RECONCILE_GRACE_SECONDS)]
-    for job_id, status, parallel, enqueued, cancel in pending:
-        if cancel:
-            continue
-        try:
-            rq_live = live_runs(settings, job_id, enqueued)
-        except redis.RedisError as exc:
-            raise _redis_error(exc, redis_url(settings)) from exc
+    try:
         with session_scope(url) as session:
-            workers = len(worker_db.alive(session, job_id=job_id,
-                                          seconds=settings.worker_stale_seconds))
-        missing = parallel - max(rq_live, workers)
-        if missing > 0:
-            log.warning("job %s (%s): %d run(s) missing from Redis, enqueueing again",
-                        job_id, status, missing)
-            enqueue_runs(settings, job_id, missing)
-            done.append(job_id)
+            pending = [(j.id, j.status, j.parallel, j.runs_enqueued, j.cancel_requested,
+                        j.finalizer) for j in job_db.jobs_to_reconcile(session,
+                                                                       RECONCILE_GRACE_SECONDS)]
+            alive = {w.id for w in worker_db.alive(session, seconds=settings.worker_stale_seconds)}
+        for job_id, status, parallel, enqueued, cancel, finalizer in pending:
+            if cancel:
+                with session_scope(url) as session:
+                    if job_db.set_status(session, job_id, JobStatus.CANCELLED,
+                                         expect={JobStatus.QUEUED}):
+                        log.warning("job %s: cancelled while waiting for a worker", job_id)
+                continue
+            if finalizer is not None and finalizer in alive:
+                continue  # a live worker is writing its result
+            try:
+                rq_live = live_runs(settings, job_id, enqueued, alive)
+            except redis.RedisError as exc:
+                raise _redis_error(exc, redis_url(settings)) from exc
+            with session_scope(url) as session:
+                workers = len(worker_db.alive(session, job_id=job_id,
+                                              seconds=settings.worker_stale_seconds))
+            missing = parallel - max(rq_live, workers)
+            if missing > 0:
+                log.warning("job %s (%s): %d run(s) missing from Redis, enqueueing again",
+                            job_id, status, missing)
+                enqueue_runs(settings, job_id, missing)
+                done.append(job_id)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired meanwhile
+            pass
     return done
 
 

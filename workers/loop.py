@@ -153,7 +153,7 @@ class WorkerProcess:
 
         conn = queue.redis_client(queue.redis_url(self.settings))
         self.rq_worker = _Worker([self.settings.queue_name], connection=conn,
-                                 name=f"hmaopt-{self.id}")
+                                 name=f"{queue.WORKER_PREFIX}{self.id}")
         self.rq_worker._hmaopt_execution = None
         self.start_threads()
         try:
@@ -181,35 +181,53 @@ def maintain(settings: Settings) -> None:
 
 
 def recover_dead_workers(settings: Settings) -> list[str]:
-    """Declare silent workers dead, fail their running trials, re-enqueue their jobs."""
+    """Declare silent workers dead, fail their running trials, re-enqueue their jobs.
+
+    A dead worker keeps its ``job_id`` until its job is recovered, so a recovery that fails
+    midway (Redis down, say) is retried on the next pass.
+    """
     url = settings.database()
-    recovered = []
     with session_scope(url) as session:
-        stale = [(w.id, w.name, w.job_id)
-                 for w in worker_db.stale(session, settings.worker_stale_seconds)]
-    for wid, name, job_id in stale:
-        with session_scope(url) as session:
-            if not worker_db.declare_dead(session, wid):
-                continue  # another maintainer got it
-        log.warning("worker %s: no heartbeat for %.0f s, declared dead", name,
-                    settings.worker_stale_seconds)
-        if job_id is None:
-            continue
-        failed = fail_trials_of(settings, job_id, wid)
-        with session_scope(url) as session:
-            job = job_db.get_job(session, job_id)
-            if JobStatus(job.status).terminal:
-                continue
+        for w in worker_db.stale(session, settings.worker_stale_seconds):
+            if worker_db.declare_dead(session, w.id):  # exactly one maintainer wins
+                log.warning("worker %s: no heartbeat for %.0f s, declared dead", w.name,
+                            settings.worker_stale_seconds)
+    with session_scope(url) as session:
+        dead = [(w.id, w.name, w.job_id) for w in worker_db.unrecovered(session)]
+    recovered = []
+    for wid, name, job_id in dead:
+        conn = queue.redis_client(queue.redis_url(settings))
+        lock = conn.lock(queue.Keys.lock(job_id, f"recover-{wid}"), timeout=60)
+        if not lock.acquire(blocking=False):
+            continue  # another maintainer is on it
+        try:
+            _recover(settings, wid, name, job_id)
+            recovered.append(job_id)
+        finally:
+            try:
+                lock.release()
+            except Exception:
+                pass
+    return recovered
+
+
+def _recover(settings: Settings, wid: str, name: str, job_id: str) -> None:
+    url = settings.database()
+    failed = fail_trials_of(settings, job_id, wid)
+    with session_scope(url) as session:
+        job = job_db.get_job(session, job_id)
+        enqueue = not JobStatus(job.status).terminal
+        if enqueue:
             if job.finalizer == wid:  # it died writing the result: another worker will
                 job.finalizer = None
             others = [w for w in worker_db.alive(session, job_id=job_id) if w.id != wid]
             if not others:
                 job_db.set_status(session, job_id, JobStatus.QUEUED, expect={JobStatus.RUNNING})
-        queue.publish(settings, job_id, "worker_lost",
-                      {"worker": name, "failed_trials": failed})
+    if enqueue:
+        queue.publish(settings, job_id, "worker_lost", {"worker": name, "failed_trials": failed})
         queue.enqueue_runs(settings, job_id, 1)
-        recovered.append(job_id)
-    return recovered
+    with session_scope(url) as session:
+        worker_db.mark_recovered(session, wid)
 
 
 def _storage(url: str):
@@ -221,7 +239,12 @@ def _storage(url: str):
 
 
 def fail_trials_of(settings: Settings, job_id: str, worker_id: str) -> list[int]:
-    """Fail the RUNNING trials a dead worker left in the job's study; their numbers."""
+    """Fail the RUNNING trials a dead worker left in the job's study; their numbers.
+
+    A trial with no worker yet (asked, not yet attributed) is failed only once it is older
+    than the stale limit: a live worker attributes it within milliseconds.
+    """
+    from datetime import datetime, timedelta
     import optuna
     from optuna.trial import TrialState
 
@@ -233,8 +256,11 @@ def fail_trials_of(settings: Settings, job_id: str, worker_id: str) -> list[int]
     except KeyError:  # the worker died before creating the study
         return []
     failed = []
+    cutoff = datetime.now() - timedelta(seconds=settings.worker_stale_seconds)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("worker") in (worker_id, None):
+        owner = t.user_attrs.get("worker")
+        if owner == worker_id or (owner is None and t.datetime_start is not None
+                                  and t.datetime_start < cutoff):
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             failed.append(t.number)
     if failed:
@@ -270,10 +296,12 @@ class JobRun:
         return moved
 
     def cancelled(self) -> bool:
+        """Cancelled, or finished by another worker (e.g. failed): stop either way."""
         if queue.cancel_flagged(self.settings, self.job_id):
             return True
         with session_scope(self.url) as session:
-            return job_db.get_job(session, self.job_id).cancel_requested
+            job = job_db.get_job(session, self.job_id)
+            return job.cancel_requested or JobStatus(job.status).terminal
 
     def check_batch(self, *_args) -> None:
         """on_batch hook: stop at a batch boundary when the job was cancelled."""
@@ -327,9 +355,12 @@ class JobRun:
         finally:
             self.worker.job_id = None
             try:
+                with session_scope(self.url) as session:  # a result not written is free
+                    job_db.release_finalizer(session, self.job_id, self.worker.id)
                 self.worker.heartbeat()
-            except Exception:
-                pass
+            except Exception as exc:
+                log.warning("worker %s: cleanup after job %s: %s", self.worker.name,
+                            self.job_id, exc)
 
     def _search(self, spec: JobSpec) -> str:
         from workers.search import Search, load_job, measure_base, study_name
@@ -347,7 +378,8 @@ class JobRun:
                             name=study_name(self.job_id), resume=True, live_running=True)
             self._backfill(search)
         t1 = time.perf_counter()
-        cached = measure_base(merger, evaluator, cache_dir=self.settings.cache_dir)
+        cached = measure_base(merger, evaluator, cache_dir=self.settings.cache_dir,
+                              on_batch=self.check_batch)
         base_seconds = time.perf_counter() - t1
         log.info("worker %s: job %s θ_base %s (%.1f s)", self.worker.name, self.job_id,
                  "from cache" if cached else "measured", base_seconds)
@@ -365,6 +397,7 @@ class JobRun:
             try:
                 record = search.run_trial(on_batch=self.check_batch, trial=trial)
             except Exception:
+                self.worker.heartbeat()  # learn now whether we were declared dead
                 if self.worker.lost:  # the trial was failed by maintenance under our feet
                     raise WorkerLost() from None
                 raise
@@ -381,10 +414,15 @@ class JobRun:
         from workers.search import jsonable
 
         payload = jsonable(result.to_dict())
+        if self.worker.lost:
+            raise WorkerLost()
         with session_scope(self.url) as session:
             job = job_db.refresh_progress(session, self.job_id)
+            if JobStatus(job.status) is not JobStatus.RUNNING:  # cancelled or failed meanwhile
+                return f"job {job.status} meanwhile; result not written"
             job.result = payload
-        self.set_status(JobStatus.SUCCEEDED, expect={JobStatus.RUNNING})
+        if not self.set_status(JobStatus.SUCCEEDED, expect={JobStatus.RUNNING}):
+            return "job changed state; not exported"
         if spec.export is not None and result.best is not None:
             export_job(self.job_id, spec.export.dir)
         return "succeeded" if result.feasible else "succeeded: no feasible merge"
@@ -405,9 +443,32 @@ class JobRun:
         return trial
 
     def _others_running(self, search) -> bool:
+        """True while trials run on live workers. A RUNNING trial whose worker is dead is
+        failed here (it runs again), so a waiting worker never waits on a ghost."""
+        from datetime import datetime, timedelta
+
         from optuna.trial import TrialState
 
-        return bool(search.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        with session_scope(self.url) as session:
+            alive = worker_db.alive_ids(session)
+        recent = datetime.now() - timedelta(seconds=self.settings.worker_stale_seconds)
+        waiting = False
+        for t in search.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = t.user_attrs.get("worker")
+            if owner in alive or (owner is None and t.datetime_start
+                                  and t.datetime_start >= recent):
+                waiting = True
+            else:
+                log.warning("worker %s: job %s trial %d of dead worker %s failed; it runs "
+                            "again", self.worker.name, self.job_id, t.number, owner)
+                search.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                if t.user_attrs.get("kind") == "uniform":  # its grid point goes back in
+                    conn = queue.redis_client(queue.redis_url(self.settings))
+                    with conn.lock(queue.Keys.lock(self.job_id, "setup"), timeout=120,
+                                   blocking_timeout=300):
+                        search._enqueue_baseline()
+                waiting = True  # look again: the freed slot is claimable
+        return waiting
 
     def _backfill(self, search) -> None:
         """Copy finished trials the read model lacks (a worker died between tell and record)."""
@@ -461,6 +522,11 @@ def export_job(job_id: str, out_dir: str, overwrite: bool = False) -> str:
     try:
         if not ratios:
             raise HmaoptError("the job has no feasible trial to export")
+        from pathlib import Path
+
+        if overwrite and Path(out_dir).exists() and not (Path(out_dir) / "hma_manifest.json").exists():
+            raise HmaoptError(f"{out_dir} exists and is not an hmaopt export (no "
+                              "hma_manifest.json): refusing to overwrite it")
         result = export_merge(spec.base_model, spec.aligned_model, out_dir, spec.groups,
                               list(ratios.values()), max_shard_bytes=settings.max_shard_bytes,
                               allow_pickle=settings.allow_pickle, overwrite=overwrite)

@@ -173,8 +173,7 @@ class Search:
         directions = ["maximize"] if spec.mode == "constrained" else ["maximize", "minimize"]
         sampler = make_sampler(spec)
         try:
-            names = ({s.study_name for s in optuna.get_all_study_summaries(storage)}
-                     if storage is not None else set())
+            names = set(optuna.get_all_study_names(storage)) if storage is not None else set()
             if self.name in names and not resume:
                 raise ConflictError(f"study {self.name!r} already exists in "
                                     f"{_safe_url(storage)}: resume it (--resume) or choose "
@@ -392,7 +391,8 @@ def load_job(spec: JobSpec, *, device: str | None = "auto"):
     return merger, evaluator
 
 
-def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None) -> bool:
+def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None,
+                 on_batch=None) -> bool:
     """Write θ_base into the live model and measure it (from the cache in ``cache_dir``/base
     when there). Returns True on a cache hit."""
     from service.settings import get_settings
@@ -401,11 +401,12 @@ def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None) -> b
     spec = evaluator.spec
     merger.apply([0.0] * merger.grouping.n_ratios)
     if cache_dir is None:
-        return evaluator.measure_base()
+        return evaluator.measure_base(on_batch=on_batch)
     dev = next(merger.model.parameters())
     key = base_cache_key(spec, spec.base_model, device=dev.device.type, dtype=str(dev.dtype),
                          allow_pickle=get_settings().allow_pickle)
-    return evaluator.measure_base(cache_dir=Path(cache_dir) / "base", cache_key=key)
+    return evaluator.measure_base(cache_dir=Path(cache_dir) / "base", cache_key=key,
+                                  on_batch=on_batch)
 
 
 def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = None,

@@ -80,8 +80,8 @@ def set_status(session, job_id: str, status: JobStatus, *, expect: set[JobStatus
     values = {"status": status.value, "updated_at": utcnow(), **fields}
     if status in TERMINAL:
         values.setdefault("finished_at", utcnow())
-    if status is JobStatus.RUNNING:
-        values.setdefault("started_at", utcnow())
+    if status is JobStatus.RUNNING:  # the first start counts
+        values.setdefault("started_at", func.coalesce(Job.started_at, utcnow()))
     if error is not None:
         values["error"] = error
     stmt = update(Job).where(Job.id == job_id)
@@ -103,19 +103,28 @@ def request_cancel(session, job_id: str) -> Job:
 
 
 def add_trial(session, job_id: str, **fields) -> bool:
-    """Record a finished trial once; False when (job, number) is already there."""
-    exists = session.scalar(select(Trial.id).where(Trial.job_id == job_id,
-                                                   Trial.number == fields["number"]))
-    if exists is not None:
-        return False
-    session.add(Trial(job_id=job_id, **fields))
-    session.flush()
-    return True
+    """Record a finished trial once; False when (job, number) is already there.
+
+    An INSERT ... ON CONFLICT DO NOTHING, so that two writers (a live worker recording, a
+    joining one backfilling) never fail on each other.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - the two supported backends
+        raise NotImplementedError(dialect)
+    fields.setdefault("finished_at", utcnow())
+    stmt = (insert(Trial).values(job_id=job_id, **fields)
+            .on_conflict_do_nothing(index_elements=["job_id", "number"]).returning(Trial.id))
+    return session.execute(stmt).scalar() is not None
 
 
 def refresh_progress(session, job_id: str) -> Job:
-    """Recompute a job's progress and best-so-far from its trials."""
-    job = get_job(session, job_id)
+    """Recompute a job's progress and best-so-far from its trials (the job row locked, so
+    that two workers' updates do not overwrite each other)."""
+    job = get_job(session, job_id, lock=True)
     job.trials_finished = session.scalar(
         select(func.count()).where(Trial.job_id == job_id)) or 0
     job.trials_pruned = session.scalar(
@@ -176,10 +185,24 @@ def pareto_trials(session, job_id: str) -> list[Trial]:
 
 
 def claim_finalizer(session, job_id: str, worker_id: str) -> bool:
-    """Exactly one worker of a job writes its result: the one this returns True to."""
-    stmt = (update(Job).where(Job.id == job_id, Job.finalizer.is_(None))
+    """Exactly one worker of a job writes its result: the one this returns True to. A claim
+    held by a worker that is no longer alive is taken over."""
+    from sqlalchemy import exists
+
+    from service.db.models import Worker
+
+    holder_alive = exists().where(Worker.id == Job.finalizer,
+                                  Worker.state.in_(("idle", "busy")))
+    stmt = (update(Job).where(Job.id == job_id,
+                              or_(Job.finalizer.is_(None), Job.finalizer == worker_id,
+                                  ~holder_alive))
             .values(finalizer=worker_id))
     return session.execute(stmt).rowcount == 1
+
+
+def release_finalizer(session, job_id: str, worker_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.finalizer == worker_id)
+                    .values(finalizer=None))
 
 
 def count_runs(session, job_id: str, count: int) -> int:

@@ -55,6 +55,20 @@ def declare_dead(session, worker_id: str) -> bool:
     return session.execute(stmt).rowcount == 1
 
 
+def unrecovered(session) -> list[Worker]:
+    """Dead workers whose job has not been recovered yet (a recovery that failed midway)."""
+    return list(session.scalars(select(Worker).where(Worker.state == "dead",
+                                                     Worker.job_id.is_not(None))))
+
+
+def mark_recovered(session, worker_id: str) -> None:
+    session.execute(update(Worker).where(Worker.id == worker_id).values(job_id=None))
+
+
+def alive_ids(session) -> set[str]:
+    return set(session.scalars(select(Worker.id).where(Worker.state.in_(ALIVE))))
+
+
 def alive(session, *, job_id: str | None = None, seconds: float | None = None) -> list[Worker]:
     stmt = select(Worker).where(Worker.state.in_(ALIVE))
     if job_id is not None:
