@@ -452,7 +452,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = stack.start()
         print(f"hmaopt {__version__}: API on http://{args.host}:{args.port} (docs /docs), "
-              f"database {_safe(settings.database())}, Redis {settings.redis_url}, "
+              f"database {_safe(settings.database())}, Redis {_safe(settings.redis_url)}, "
               f"{workers} local worker(s)", file=sys.stderr)
         # uvicorn re-raises the SIGTERM it caught once it has shut down: make that an
         # exception, so that the local workers and Valkey are stopped below

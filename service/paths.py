@@ -24,12 +24,18 @@ def _inside(path: Path, roots: list[Path]) -> bool:
 
 
 def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = True) -> str:
-    """``raw`` resolved (symlinks followed) inside one of ``roots``, else PathNotAllowedError."""
+    """``raw`` resolved (symlinks followed) inside one of ``roots``, else PathNotAllowedError.
+
+    An output (``must_exist=False``) must lie strictly below a root, never be one.
+    """
     real_roots = [Path(os.path.realpath(r)) for r in roots]
     kind = "model" if field in MODEL_FIELDS or field == "export.dir" else "data"
     setting = f"HMAOPT_{kind.upper()}_ROOTS"
     if not real_roots:
         raise PathNotAllowedError(f"{field}: no {kind} roots are configured; set {setting}")
+    if not Path(raw).is_absolute() and ".." in Path(raw).parts:
+        raise PathNotAllowedError(f"{field}: {raw} climbs out with '..'; give a path inside "
+                                  f"the {kind} roots ({setting})")
     candidates = ([Path(raw)] if Path(raw).is_absolute()
                   else [root / raw for root in real_roots])
     resolved = [Path(os.path.realpath(c)) for c in candidates]
@@ -45,9 +51,23 @@ def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = 
     path = (existing or resolved)[0]
     if not _inside(path, real_roots):
         raise PathNotAllowedError(
-            f"{field}: {raw} resolves to {path}, outside the allowed {kind} roots ({setting}: "
+            f"{field}: {raw} resolves outside the allowed {kind} roots ({setting}: "
             f"{', '.join(map(str, real_roots))})")
+    if not must_exist and path in real_roots:
+        raise PathNotAllowedError(f"{field}: {raw} is a root itself; write into a folder "
+                                  "below it")
     return str(path)
+
+
+def check_output(field: str, out: str, spec: JobSpec) -> None:
+    """An export folder may neither hold nor lie inside one of the job's input models."""
+    target = Path(out)
+    for name, path in spec.paths().items():
+        if name in MODEL_FIELDS:
+            p = Path(path)
+            if target == p or target.is_relative_to(p) or p.is_relative_to(target):
+                raise PathNotAllowedError(f"{field}: {out} overlaps the job's {name} ({path}); "
+                                          "export into a folder of its own")
 
 
 def resolve_job_paths(spec: JobSpec, settings: Settings) -> JobSpec:
@@ -64,6 +84,7 @@ def resolve_job_paths(spec: JobSpec, settings: Settings) -> JobSpec:
     resolved = spec.with_paths(resolve)
     if spec.export is not None:
         out = resolve_path("export.dir", spec.export.dir, settings.model_roots, must_exist=False)
+        check_output("export.dir", out, resolved)
         resolved = resolved.model_copy(update={"export": spec.export.model_copy(
             update={"dir": out})})
     return resolved

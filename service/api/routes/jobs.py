@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -17,7 +18,7 @@ from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetai
 from service.db import jobs as job_db
 from service.db import session_scope
 from service.errors import ConflictError, NotFoundError
-from service.paths import resolve_path, resolve_job_paths
+from service.paths import check_output, resolve_job_paths, resolve_path
 from service.spec import JobSpec
 from service.status import TERMINAL, JobStatus
 
@@ -43,13 +44,18 @@ def submit_job(spec: Annotated[JobSpec, Body()], caller: Operator, session: Sess
                    "first job instead of a new one")] = None):
     """Submit a merge-search job (the job-spec schema of the CLI file). Relative paths
     resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS)."""
+    from sqlalchemy.exc import IntegrityError
+
     spec.check()
     resolved = resolve_job_paths(spec, settings)
-    job, created = job_db.create_job(
-        session, resolved.model_dump(mode="json"), n_trials=spec.search.n_trials,
-        parallel=spec.search.workers, token_id=caller.id, submitted_by=caller.name,
-        idempotency_key=idempotency_key)
-    session.commit()  # the row is the truth: it exists before Redis hears of it
+    fields = dict(n_trials=spec.search.n_trials, parallel=spec.search.workers,
+                  token_id=caller.id, submitted_by=caller.name, idempotency_key=idempotency_key)
+    try:
+        job, created = job_db.create_job(session, resolved.model_dump(mode="json"), **fields)
+        session.commit()  # the row is the truth: it exists before Redis hears of it
+    except IntegrityError:  # the same key, submitted at the same moment: the other won
+        session.rollback()
+        job, created = job_db.create_job(session, resolved.model_dump(mode="json"), **fields)
     if created:
         queue.enqueue_runs(settings, job.id, job.parallel)
         queue.publish(settings, job.id, "status", {"status": JobStatus.QUEUED.value})
@@ -139,6 +145,7 @@ def export(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep,
     if raw is None:
         raise SpecError("give a dir (the spec has no export.dir)", field="dir")
     out = resolve_path("export.dir", raw, settings.model_roots, must_exist=False)
+    check_output("dir", out, JobSpec.model_validate(job.spec))
     if job.best_ratios is None:
         raise ConflictError(f"job {job_id} has no feasible trial to export yet")
     if job.export_status in ("queued", "running"):
@@ -149,26 +156,46 @@ def export(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep,
     return ExportState(status="queued", dir=out, error=None)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+_STREAM_ID = re.compile(r"^(0|\d+-\d+)$")
+
+
+def _events_start(job_id: str, settings: SettingsDep,
+                  last_event_id: Annotated[str | None, Header()] = None,
+                  since: Annotated[str | None, Query(description="stream id to start after "
+                                                     "(as Last-Event-ID); default: the start")]
+                  = None) -> dict:
+    """Checks made before the stream opens, so that they get a proper status code."""
+    from service.errors import SpecError
+
+    cursor = last_event_id or since
+    if cursor is not None and not _STREAM_ID.match(cursor):
+        raise SpecError(f"not an event id: {cursor!r} (expected e.g. 1763800000000-0)",
+                        field="Last-Event-ID" if last_event_id else "since")
+    with session_scope(settings.database()) as s:
+        snapshot = job_summary(job_db.get_job(s, job_id)).model_dump(mode="json")
+    queue.redis_client(queue.redis_url(settings)).ping()  # 503 now, not a broken stream
+    return {"snapshot": snapshot, "cursor": cursor}
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={
+    **ERRORS, 422: {"model": ErrorBody, "description": "malformed Last-Event-ID / since"}})
 async def events(job_id: str, request: Request, _: StreamViewer, settings: SettingsDep,
-                 last_event_id: Annotated[str | None, Header()] = None,
-                 since: Annotated[str | None, Query(description="stream id to start after "
-                                                    "(as Last-Event-ID); default: the start")]
-                 = None):
-    """Server-sent events: ``status`` (status changes), ``trial`` (each finished trial with
-    the job's progress), ``export``, ``worker_lost``. Each event's id is its stream id:
-    reconnecting with Last-Event-ID resumes after it. The stream ends after a final status."""
+                 start: Annotated[dict, Depends(_events_start)]):
+    """Server-sent events: ``job`` (a snapshot, first), ``status`` (status changes),
+    ``trial`` (each finished trial with the job's progress), ``export``, ``worker_lost``.
+    Each event's id is its stream id: reconnecting with Last-Event-ID (or ``since``) resumes
+    after it. The stream ends after a final status."""
     import redis.asyncio as aioredis
 
     def load():
         with session_scope(settings.database()) as s:
             return job_summary(job_db.get_job(s, job_id)).model_dump(mode="json")
 
-    snapshot = await run_in_threadpool(load)
+    snapshot, cursor = start["snapshot"], start["cursor"]
     yield ServerSentEvent(event="job", data=snapshot, retry=3000)
-    if JobStatus(snapshot["status"]) in TERMINAL and (last_event_id or since) is None:
+    if JobStatus(snapshot["status"]) in TERMINAL and cursor is None:
         return
-    cursor = last_event_id or since or "0"
+    cursor = cursor or "0"
     conn = aioredis.Redis.from_url(queue.redis_url(settings),
                                    socket_timeout=EVENTS_BLOCK_SECONDS + 15)
     try:
