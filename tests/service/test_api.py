@@ -129,11 +129,18 @@ def test_paths_outside_roots_are_refused(stack, tiny_spec, tmp_path):
                 spec["reward"]["data"] = value
             r = c.post("/v1/jobs", json=spec)
             assert r.status_code == 403, (field, value, r.text)
-            assert "outside the allowed" in r.json()["message"] and field in r.json()["message"]
+            message = r.json()["message"]
+            assert field in message and ("outside the allowed" in message
+                                         or "climbs out" in message), message
+            assert str(outside) not in message or value == str(outside)  # no disclosure
         spec = json.loads(json.dumps(tiny_spec))
         spec["export"] = {"dir": str(outside / "out")}
         r = c.post("/v1/jobs", json=spec)
         assert r.status_code == 403 and "export.dir" in r.json()["message"]
+        for bad in (str(models), str(models / "base"), str(models / "base" / "sub")):
+            spec["export"] = {"dir": bad}  # a root itself, or an input model: never
+            r = c.post("/v1/jobs", json=spec)
+            assert r.status_code == 403 and "export.dir" in r.json()["message"], (bad, r.text)
         # a relative path inside the roots resolves there
         spec = json.loads(json.dumps(tiny_spec))
         spec["base_model"] = "base"
@@ -229,8 +236,33 @@ def test_readyz_reports_an_old_schema(db_url, redis_url, tmp_path, roots):
     url = api.start()
     try:
         assert httpx.get(f"{url}/readyz").status_code == 200
+        from sqlalchemy import text
+
+        from service.db.session import get_engine
+
+        with get_engine(settings.database()).begin() as conn:  # as if an older release
+            conn.execute(text("DELETE FROM hmaopt_alembic_version"))
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "unavailable"
+        assert "hmaopt db upgrade" in r.json()["checks"]["database"]
+        assert r.json()["checks"]["redis"] == "ok"
     finally:
         api.stop()
+
+
+def test_events_errors_come_before_the_stream(stack, tiny_spec):
+    with stack.client("viewer") as c:
+        r = c.get("/v1/jobs/nope/events")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json=tiny_spec).json()
+        r = c.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "garbage"})
+        assert r.status_code == 422 and r.json()["field"] == "Last-Event-ID"
+        c.post(f"/v1/jobs/{job['id']}/cancel")
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events") as r:  # a final job: snapshot
+            assert r.status_code == 200
+            body = r.read().decode()
+    assert body.startswith("event: job") and '"status":"cancelled"' in body.replace(" ", "")
 
 
 def test_the_api_does_not_import_torch():

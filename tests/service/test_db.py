@@ -77,8 +77,16 @@ def test_idempotency_finalizer_and_run_counter(db_url):
                               token_id="t1", idempotency_key="k")
         assert job_db.count_runs(s, first.id, 2) == 2
         assert job_db.count_runs(s, first.id, 1) == 3
-        assert job_db.claim_finalizer(s, first.id, "w1")
-        assert not job_db.claim_finalizer(s, first.id, "w2")
+        from service.db import workers as worker_db
+
+        w1 = worker_db.register(s, device="cpu", name="w1").id
+        w2 = worker_db.register(s, device="cpu", name="w2").id
+        assert job_db.claim_finalizer(s, first.id, w1)
+        assert not job_db.claim_finalizer(s, first.id, w2)  # w1 is alive: it writes
+        assert worker_db.declare_dead(s, w1)
+        assert job_db.claim_finalizer(s, first.id, w2)  # a dead holder's claim is taken over
+        job_db.release_finalizer(s, first.id, w2)
+        assert job_db.get_job(s, first.id).finalizer is None
 
 
 def test_db_upgrade_command(tmp_path):

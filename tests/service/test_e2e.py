@@ -124,10 +124,14 @@ def test_worker_killed_mid_job_resumes_on_another(pg_stack, tiny_spec):
     with stack.client() as c:
         job = c.post("/v1/jobs", json=spec).json()
     _wait_trials(stack, job["id"], 4, worker="w1")
-    before = {t["number"]: t for t in _trials(stack, job["id"])}
+    study = _study(stack.settings, job["id"])
+    while not _states(study).get("RUNNING"):  # kill it in the middle of a trial
+        time.sleep(0.02)
     os.killpg(w1.pid, signal.SIGKILL)  # the worker and anything it started
     w1.wait()
+    before = {t["number"]: t for t in _trials(stack, job["id"])}
     running_at_kill = _states(_study(stack.settings, job["id"])).get("RUNNING", [])
+    assert running_at_kill, "the kill did not interrupt a trial"
     stack.start_worker("w2")
     final = stack.wait_job(job["id"], worker="w2")
     assert final["status"] == "succeeded", final
