@@ -182,8 +182,7 @@ def start_stack(settings) -> Stack:
     return Stack(settings, api.start(), tokens, api)
 
 
-@pytest.fixture
-def stack(db_url, redis_url, tmp_path, roots):
+def _running_stack(db_url, redis_url, tmp_path, roots):
     s = start_stack(make_settings(db_url, redis_url, tmp_path / "home", roots))
     try:
         yield s
@@ -196,16 +195,15 @@ def stack(db_url, redis_url, tmp_path, roots):
 
 
 @pytest.fixture
-def pg_stack(pg_url, redis_url, tmp_path, roots):
-    s = start_stack(make_settings(pg_url, redis_url, tmp_path / "home", roots))
-    try:
-        yield s
-    finally:
-        s.stop_workers()
-        s.api.stop()
-        from service.db.session import dispose_engines
+def stack(db_url, redis_url, tmp_path, roots):
+    """The API on SQLite and on PostgreSQL (parametrised), with the test Redis."""
+    yield from _running_stack(db_url, redis_url, tmp_path, roots)
 
-        dispose_engines()
+
+@pytest.fixture
+def pg_stack(pg_url, redis_url, tmp_path, roots):
+    """The API on PostgreSQL only (for the slow worker tests)."""
+    yield from _running_stack(pg_url, redis_url, tmp_path, roots)
 
 
 @pytest.fixture
