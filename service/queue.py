@@ -179,10 +179,13 @@ def reconcile(settings: Settings) -> list[str]:
     done = []
     try:
         with session_scope(url) as session:
-            pending = [(j.id, j.status, j.parallel, j.runs_enqueued, j.cancel_requested,
-                        j.finalizer) for j in job_db.jobs_to_reconcile(session,
-                                                                       RECONCILE_GRACE_SECONDS)]
-            alive = {w.id for w in worker_db.alive(session, seconds=settings.worker_stale_seconds)}
+            pending = job_db.jobs_to_reconcile(session, RECONCILE_GRACE_SECONDS)
+            live_workers = worker_db.alive(session, seconds=settings.worker_stale_seconds)
+        alive = {w.id for w in live_workers}
+        on_job: dict[str, int] = {}
+        for w in live_workers:
+            if w.job_id is not None:
+                on_job[w.job_id] = on_job.get(w.job_id, 0) + 1
         for job_id, status, parallel, enqueued, cancel, finalizer in pending:
             if cancel:
                 with session_scope(url) as session:
@@ -196,10 +199,7 @@ def reconcile(settings: Settings) -> list[str]:
                 rq_live = live_runs(settings, job_id, enqueued, alive)
             except redis.RedisError as exc:
                 raise _redis_error(exc, redis_url(settings)) from exc
-            with session_scope(url) as session:
-                workers = len(worker_db.alive(session, job_id=job_id,
-                                              seconds=settings.worker_stale_seconds))
-            missing = parallel - max(rq_live, workers)
+            missing = parallel - max(rq_live, on_job.get(job_id, 0))
             if missing > 0:
                 log.warning("job %s (%s): %d run(s) missing from Redis, enqueueing again",
                             job_id, status, missing)

@@ -23,7 +23,7 @@ TOKEN_TOUCH_SECONDS = 60
 _bearer = HTTPBearer(auto_error=False, description="an API token (hmaopt token create)")
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:  # async: no thread-pool hop
     return request.app.state.settings
 
 

@@ -23,17 +23,27 @@ class Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
         self.registry.register(_StateCollector(settings))
 
-    def middleware(self):
+    def asgi(self, app):
+        """Plain ASGI middleware (cheaper than Starlette's BaseHTTPMiddleware)."""
         metrics = self
 
-        async def record(request, call_next):
+        async def record(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
             t0 = time.perf_counter()
-            response = await call_next(request)
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-            metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)
-            return response
+            status = {"code": 500}
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, send_status)
+            finally:
+                path = getattr(scope.get("route"), "path", "unmatched")
+                metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
+                metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - t0)
         return record
 
 

@@ -215,13 +215,16 @@ def count_runs(session, job_id: str, count: int) -> int:
     return total
 
 
-def jobs_to_reconcile(session, grace_seconds: float = 0) -> list[Job]:
-    """Unfinished jobs submitted more than ``grace_seconds`` ago."""
+def jobs_to_reconcile(session, grace_seconds: float = 0) -> list:
+    """(id, status, parallel, runs_enqueued, cancel_requested, finalizer) of the unfinished
+    jobs submitted more than ``grace_seconds`` ago (no spec loaded)."""
     from datetime import timedelta
 
-    return list(session.scalars(select(Job).where(
+    return list(session.execute(select(
+        Job.id, Job.status, Job.parallel, Job.runs_enqueued, Job.cancel_requested,
+        Job.finalizer).where(
         Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
-        Job.created_at < utcnow() - timedelta(seconds=grace_seconds))))
+        Job.created_at < utcnow() - timedelta(seconds=grace_seconds))).all())
 
 
 def status_counts(session) -> dict[str, int]:
