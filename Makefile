@@ -30,6 +30,8 @@ bench: install
 	$(BIN)/python bench/bench_export.py
 	$(BIN)/python bench/world_effect.py
 	$(BIN)/python bench/bench_search.py --png docs/img/search_best_so_far.png
+	bash scripts/services.sh
+	$(BIN)/python bench/bench_api.py
 
 clean:
 	rm -rf $(VENV) out demo .pytest_cache
