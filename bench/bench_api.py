@@ -33,11 +33,26 @@ Then measures:
    run are reported ("cores" = CPU seconds / wall seconds), with the server's CPU milliseconds
    per request, to show who used the machine's cores. ``--api-processes N`` (N > 1) runs
    ``uvicorn --factory service.api.app:create_app --workers N`` instead, as an experiment.
+3. Open loop (between the GET and the POST runs): ``GET /v1/jobs/{id}`` at a fixed total rate
+   over the same ``--connections`` clients, each on its own schedule (rate / clients per
+   client, staggered), for ``--seconds``: at each ``--rate`` (default 100 req/s: 50
+   dashboards polling twice a second) and at ``--capacity-fractions`` (default 0.5 and 0.8)
+   of the closed-loop GET throughput just measured. The latency is counted from the scheduled
+   send time, not from when the request went out, so a slow answer that delays the next
+   requests of its client counts in theirs too (no coordinated omission, as in wrk2; Debian's
+   wrk 4.1 has no rate option). The clients run in ``--client-processes`` separate processes
+   (default 1), on raw asyncio streams (``--open-loop-client raw``, about 0.5 ms of CPU per
+   request) or httpx (about 3.5 ms, too much on a 2-core machine shared with the server).
+   Reported: the achieved rate (answers / seconds from the first scheduled send to the last
+   answer; it falls short of the target when the server or the clients cannot keep up), the
+   errors and the clients' own lag (sent - max(scheduled, previous answer)): its p99 should
+   stay at a few ms, or the clients themselves are late.
 
 Targets (the issue's): GET p99 under 50 ms at 50 clients; pick-up (status running) under 1 s.
 
     .venv/bin/python bench/bench_api.py [--sqlite] [--seconds 20] [--connections 50]
-                                        [--pickups 5] [--json FILE]
+                                        [--pickups 5] [--rate 100 ...]
+                                        [--capacity-fractions 0.5 0.8 ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -98,7 +113,8 @@ def free_port() -> int:
 
 
 def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime (all threads) of the live processes of a process group, in seconds."""
+    """utime + stime (all threads) of the live processes of a process group, plus the CPU of
+    their children that ended and were waited for (cutime + cstime), in seconds."""
     total = 0.0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -108,12 +124,14 @@ def group_cpu_seconds(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:  # field 5 of stat: the process group
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            total += sum(int(v) for v in fields[11:15]) / CLK_TCK
     return total
 
 
 def cpu_by_command(names: tuple[str, ...]) -> dict[str, float]:
-    """CPU seconds so far of every process whose command name is one of ``names``, summed."""
+    """CPU seconds so far of every process whose command name is one of ``names``, summed,
+    with the CPU of their ended children (cutime + cstime): PostgreSQL's postmaster reaps its
+    backends, so a backend that ends inside a window still counts."""
     out = dict.fromkeys(names, 0.0)
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -126,7 +144,7 @@ def cpu_by_command(names: tuple[str, ...]) -> dict[str, float]:
         for n in names:
             if comm.startswith(n):
                 f = rest.split()
-                out[n] += (int(f[11]) + int(f[12])) / CLK_TCK
+                out[n] += sum(int(v) for v in f[11:15]) / CLK_TCK
     return out
 
 
@@ -247,6 +265,227 @@ def run_httpx(url: str, *, method: str, token: str, body: str | None, seconds: f
             "mean_ms": statistics.fmean(s) * 1e3 if s else float("nan"),
             "max_ms": s[-1] * 1e3 if s else float("nan"),
             "min_ms": s[0] * 1e3 if s else float("nan"), "rps": len(s) / duration}
+
+
+# ------------------------------------------------------------------------------ open loop
+
+OPEN_LOOP_FLAG = "--open-loop-client"  # argv[1] of a client process (internal)
+
+
+class _RawConnection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams, for the open-loop clients: the
+    request bytes are built once and the answer is read by its Content-Length (what uvicorn
+    sends for these JSON responses). About a tenth of httpx's CPU per request, which matters
+    when the clients share a 2-core machine with the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    @staticmethod
+    def request_bytes(url: str, method: str, headers: dict[str, str], body: str | None) -> bytes:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        path = u.path + (f"?{u.query}" if u.query else "")
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {u.netloc}", *(f"{k}: {v}" for k, v
+                                                                     in headers.items())]
+        data = body.encode() if body is not None else b""
+        if body is not None:
+            lines.append(f"Content-Length: {len(data)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+    async def send(self, request: bytes) -> int:
+        try:
+            reused = self.writer is not None
+            if not reused:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.write(request)
+            try:
+                head = await self.reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+                if not reused or getattr(exc, "partial", b""):
+                    raise
+                # the server closed the idle keep-alive connection: once more on a new one
+                self.close()
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                self.writer.write(request)
+                head = await self.reader.readuntil(b"\r\n\r\n")
+            length, close = 0, False
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    raise ValueError("chunked answers are not supported")
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            await self.reader.readexactly(length)
+            if close:
+                self.close()
+            return int(head[9:12])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def open_loop_client(cfg: dict) -> dict:
+    """Body of one open-loop client process: clients ``first`` .. ``first + count - 1`` of
+    ``total``, one connection each, sequential requests. Client i sends its k-th request at
+    ``t0 + i / rate + k * total / rate`` (time.monotonic, the same clock in every process), or
+    as soon as its previous answer came back when that is later; the latency is counted from
+    the scheduled time, so a late answer also delays (and counts in) the next ones, as in wrk2.
+    ``cfg["client"]``: "raw" (asyncio streams, _RawConnection) or "httpx" (httpx.AsyncClient).
+    """
+    import gc
+    from urllib.parse import urlsplit
+
+    rate, total, t0, seconds = cfg["rate"], cfg["total"], cfg["t0"], cfg["seconds"]
+    headers = {"Authorization": f"Bearer {cfg['token']}", "Content-Type": "application/json"}
+    lat: list[float] = []      # done - scheduled (what a user waits)
+    service: list[float] = []  # done - sent
+    lag: list[float] = []      # sent - max(scheduled, previous done): this process's own delay
+    errors = {"status": 0, "exception": 0}
+    last_done = [t0]
+    n = cfg["count"]
+
+    if cfg["client"] == "raw":
+        u = urlsplit(cfg["url"])
+        conns = [_RawConnection(u.hostname, u.port) for _ in range(n)]
+        request = _RawConnection.request_bytes(cfg["url"], cfg["method"], headers, cfg["body"])
+        warm = _RawConnection.request_bytes(cfg["warm_url"], "GET", headers, None)
+        senders = [lambda c=c: c.send(request) for c in conns]
+        warmers = [lambda c=c: c.send(warm) for c in conns]
+        client_errors: tuple = (OSError, EOFError, ValueError, asyncio.IncompleteReadError,
+                                asyncio.LimitOverrunError, TimeoutError)
+    else:
+        import httpx
+
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        client = httpx.AsyncClient(headers=headers, limits=limits, timeout=10)
+        content = cfg["body"].encode() if cfg["body"] is not None else None
+
+        async def send_httpx():
+            return (await client.request(cfg["method"], cfg["url"], content=content)).status_code
+
+        async def warm_httpx():
+            return (await client.get(cfg["warm_url"])).status_code
+
+        senders, warmers = [send_httpx] * n, [warm_httpx] * n
+        client_errors = (httpx.HTTPError, TimeoutError)
+
+    async def one_client(send, i: int) -> None:
+        period = total / rate
+        k, prev_done = 0, 0.0
+        while True:
+            sched = t0 + i / rate + k * period
+            if sched >= t0 + seconds:
+                return
+            k += 1
+            now = time.monotonic()
+            if sched > now:
+                await asyncio.sleep(sched - now)
+            sent = time.monotonic()
+            lag.append(sent - max(sched, prev_done))
+            status = None
+            try:
+                async with asyncio.timeout(10):
+                    status = await send()
+            except client_errors:
+                errors["exception"] += 1
+            prev_done = time.monotonic()
+            last_done[0] = max(last_done[0], prev_done)
+            if status is not None and status < 400:
+                lat.append(prev_done - sched)
+                service.append(prev_done - sent)
+            elif status is not None:
+                errors["status"] += 1
+
+    async def main() -> None:
+        # open the connections before t0 (one GET /healthz each, not counted)
+        await asyncio.gather(*(w() for w in warmers))
+        gc.collect()
+        gc.freeze()
+        gc.disable()  # no collector pauses of the load tool inside the measured window
+        cpu0 = time.process_time()
+        out["late_start_s"] = time.monotonic() - t0
+        await asyncio.gather(*(one_client(s, cfg["first"] + j) for j, s in enumerate(senders)))
+        out["cpu_s"] = time.process_time() - cpu0
+        gc.enable()
+        if cfg["client"] == "raw":
+            for c in conns:
+                c.close()
+        else:
+            await client.aclose()
+
+    out: dict = {}
+    asyncio.run(main())
+    out.update(lat=lat, service=service, lag=lag, errors=errors, last_done=last_done[0])
+    return out
+
+
+def run_open_loop(url: str, *, method: str, token: str, body: str | None, seconds: float,
+                  connections: int, rate: float, processes: int, client: str, warm_url: str,
+                  server_pid: int) -> dict:
+    """GET/POST at a fixed total ``rate`` over ``connections`` clients in ``processes`` client
+    processes (asyncio; ``client`` "raw" or "httpx"), for ``seconds``; latency from the
+    scheduled send times."""
+    lead = 3.0  # start-up of the client processes (imports, connections) before t0
+    t0 = time.monotonic() + lead
+    per = [connections // processes + (p < connections % processes) for p in range(processes)]
+    procs, first = [], 0
+    for count in per:
+        cfg = {"url": url, "warm_url": warm_url, "method": method, "token": token, "body": body,
+               "rate": rate, "total": connections, "first": first, "count": count, "t0": t0,
+               "seconds": seconds, "client": client}
+        first += count
+        procs.append(subprocess.Popen([sys.executable, __file__, OPEN_LOOP_FLAG, json.dumps(cfg)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=ROOT))
+    time.sleep(max(0.0, t0 - time.monotonic()))
+    with CpuMeter(server_pid) as meter:
+        outs = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=seconds + 120)
+            if p.returncode != 0:
+                raise RuntimeError(f"open-loop client failed ({p.returncode}): {stderr[-3000:]}")
+            outs.append(json.loads(stdout.splitlines()[-1]))
+        t_end = max(o["last_done"] for o in outs)
+    res = meter.result
+    lat = sorted(x for o in outs for x in o["lat"])
+    service = sorted(x for o in outs for x in o["service"])
+    lag = sorted(x for o in outs for x in o["lag"])
+    err = {k: sum(o["errors"][k] for o in outs) for k in ("status", "exception")}
+    done = len(lat) + sum(err.values())
+    duration = t_end - t0
+    res.update({
+        "tool": f"open loop: asyncio ({client}), {processes} client process(es)",
+        "command": f"{connections} clients at {rate:g} req/s in total ({rate / connections:g} "
+                   f"req/s each), {seconds:g} s, {processes} process(es)",
+        "target_rps": rate, "requests": len(lat), "errors": sum(err.values()),
+        "errors_detail": err, "duration_s": duration, "rps": done / duration,
+        "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
+        "p99_ms": percentile(lat, 99) * 1e3,
+        "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
+        "max_ms": lat[-1] * 1e3 if lat else float("nan"),
+        "min_ms": lat[0] * 1e3 if lat else float("nan"),
+        "service_p50_ms": percentile(service, 50) * 1e3,
+        "service_p99_ms": percentile(service, 99) * 1e3,
+        "client_lag_p99_ms": percentile(lag, 99) * 1e3,
+        "client_lag_max_ms": lag[-1] * 1e3 if lag else float("nan"),
+        "client_late_start_ms": max(o["late_start_s"] for o in outs) * 1e3,
+        # the CPU the clients used inside the window (their own count; the meter's child
+        # rusage would include their start-up)
+        "load_tool_cpu_s": sum(o["cpu_s"] for o in outs),
+        "client_processes": processes, "client": client})
+    return res
 
 
 # ------------------------------------------------------------------------------ the stack
@@ -521,6 +760,24 @@ class Bench:
               f"(machine busy {res['machine_busy_cores']:.2f} cores of {os.cpu_count()})")
         return res
 
+    def open_loop(self, name: str, url: str, rate: float, seconds: float,
+                  connections: int) -> dict:
+        res = run_open_loop(url, method="GET", token=self.token, body=None, seconds=seconds,
+                            connections=connections, rate=rate,
+                            processes=self.args.client_processes,
+                            client=self.args.open_loop_client,
+                            warm_url=f"{self.base}/healthz", server_pid=self.server.pid)
+        res.update(name=name, method="GET", connections=connections, seconds=seconds)
+        if self.server.poll() is not None:
+            raise RuntimeError("the API server died:\n" + self.log_tail("server.log"))
+        print(f"  {name}: target {rate:.0f} req/s, achieved {res['rps']:.1f} req/s; p50 "
+              f"{res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, max {res['max_ms']:.1f} ms, "
+              f"{res['errors']} errors; client lag p99 {res['client_lag_p99_ms']:.1f} ms; CPU s: "
+              f"server {res['server_cpu_s']:.1f}, postgres {res['postgres_cpu_s']:.1f}, "
+              f"clients {res['load_tool_cpu_s']:.1f} (machine busy "
+              f"{res['machine_busy_cores']:.2f} cores of {os.cpu_count()})")
+        return res
+
 
 def _fmt_s(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.0f} ms" if abs(v) < 1 else f"{v:.2f} s"
@@ -545,6 +802,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tool", choices=["auto", "wrk", "httpx"], default="auto",
                     help="load tool (auto: wrk when installed, else asyncio + httpx)")
     ap.add_argument("--wrk-threads", type=int, default=2, help="wrk -t")
+    ap.add_argument("--rate", type=float, nargs="*", default=[100.0],
+                    help="open-loop GET runs at these total rates, req/s over --connections "
+                    "clients (default 100: 50 dashboards polling twice a second; none: skip)")
+    ap.add_argument("--capacity-fractions", type=float, nargs="*", default=[0.5, 0.8],
+                    help="also open-loop GET runs at these fractions of the closed-loop GET "
+                    "throughput at --connections measured just before (none: skip)")
+    ap.add_argument("--client-processes", type=int, default=1,
+                    help="processes the open-loop clients are spread over")
+    ap.add_argument("--open-loop-client", choices=["raw", "httpx"], default="raw",
+                    help="HTTP client of the open-loop runs: raw asyncio streams (default, "
+                    "the cheaper) or httpx.AsyncClient")
     ap.add_argument("--pickups", type=int, default=5, help="pick-ups measured (0: skip)")
     ap.add_argument("--idle-seconds", type=float, default=1.0,
                     help="seconds the worker idles on the queue before each pick-up")
@@ -587,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench(args)
     bench.tool = tool
-    results: dict = {"latency": [], "pickups": []}
+    results: dict = {"latency": [], "open_loop": [], "pickups": []}
     try:
         t0 = time.perf_counter()
         bench.setup()
@@ -618,18 +886,34 @@ def main(argv: list[str] | None = None) -> int:
         body = json.dumps(bench.spec)
         print(f"API latency ({tool}): GET /v1/jobs/{{id}} (a {get_status} job, {get_bytes} B "
               f"response), POST /v1/jobs ({len(body)} B spec; each creates and enqueues a job)")
-        runs = []
-        if args.serial_seconds > 0:
-            runs.append(("GET /v1/jobs/{id}", "GET", None, args.serial_seconds, 1))
-        runs.append(("GET /v1/jobs/{id}", "GET", None, args.seconds, args.connections))
-        if args.serial_seconds > 0:
-            runs.append(("POST /v1/jobs", "POST", body, args.serial_seconds, 1))
-        runs.append(("POST /v1/jobs", "POST", body, args.seconds, args.connections))
-        for name, method, b, secs, conns in runs:
-            url = f"{bench.base}/v1/jobs/{get_job_id}" if method == "GET" else f"{bench.base}/v1/jobs"
+        get_url = f"{bench.base}/v1/jobs/{get_job_id}"
+
+        def closed(name, method, b, secs, conns):
+            url = get_url if method == "GET" else f"{bench.base}/v1/jobs"
             results["latency"].append(bench.latency(f"{name} x{conns}", url, method, b, secs,
                                                     conns))
             time.sleep(1)
+
+        if args.serial_seconds > 0:
+            closed("GET /v1/jobs/{id}", "GET", None, args.serial_seconds, 1)
+        closed("GET /v1/jobs/{id}", "GET", None, args.seconds, args.connections)
+        # open loop before the POST runs, which leave ~1000 queued jobs for the maintenance
+        capacity = results["latency"][-1]["rps"]
+        rates = [(r, "") for r in args.rate if r > 0]
+        rates += [(f * capacity, f" ({f:.0%} of {capacity:.0f})") for f in args.capacity_fractions]
+        if rates:
+            print(f"open loop: GET /v1/jobs/{{id}}, {args.connections} clients on a fixed "
+                  f"schedule, latency from the scheduled send time, {args.client_processes} "
+                  f"client process(es), {args.open_loop_client} asyncio client")
+        for rate, note in rates:
+            res = bench.open_loop(f"GET /v1/jobs/{{id}} @ {rate:.0f} req/s{note}", get_url, rate,
+                                  args.seconds, args.connections)
+            res["capacity_fraction"] = rate / capacity if note else None
+            results["open_loop"].append(res)
+            time.sleep(1)
+        if args.serial_seconds > 0:
+            closed("POST /v1/jobs", "POST", body, args.serial_seconds, 1)
+        closed("POST /v1/jobs", "POST", body, args.seconds, args.connections)
         queued = bench.redis.llen("rq:queue:hmaopt")
         print(f"  RQ queue length after the runs: {queued}")
     finally:
@@ -655,6 +939,21 @@ def main(argv: list[str] | None = None) -> int:
         verdicts["get_p99"] = ok
         print(f"\nGET p99 at {args.connections} clients = {loaded_get['p99_ms']:.1f} ms (target "
               f"< {GET_P99_TARGET_MS:.0f} ms): {'met' if ok else 'NOT met'}")
+    if results["open_loop"]:
+        orows = [[r["name"], f"{r['target_rps']:.0f}", f"{r['rps']:.1f}", r["requests"],
+                  f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                  f"{r['max_ms']:.1f}", r["errors"], f"{r['client_lag_p99_ms']:.1f}",
+                  f"{r['server_cpu_s'] / r['wall_s']:.2f}",
+                  f"{r['server_cpu_s'] / max(1, r['requests']) * 1e3:.1f}",
+                  f"{r['load_tool_cpu_s'] / r['wall_s']:.2f}"]
+                 for r in results["open_loop"]]
+        print(f"\nopen loop ({args.connections} clients, latency from the scheduled send time):")
+        print(table(["GET /v1/jobs/{id}", "target req/s", "achieved req/s", "requests",
+                     "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "client lag p99 ms",
+                     "server cores", "server CPU ms/req", "client cores"], orows))
+        for r in results["open_loop"]:
+            if r["rps"] < 0.97 * r["target_rps"]:
+                print(f"  note: {r['name']}: achieved {r['rps']:.1f} req/s, under the target")
     picks = [p for p in results["pickups"] if p["picked_up_s"] is not None]
     if picks:
         pu = [p["picked_up_s"] for p in picks]
@@ -692,4 +991,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == OPEN_LOOP_FLAG:  # a client process of run_open_loop
+        print(json.dumps(open_loop_client(json.loads(sys.argv[2]))))
+        raise SystemExit(0)
     raise SystemExit(main())
