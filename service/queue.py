@@ -139,15 +139,13 @@ def live_runs(settings: Settings, job_id: str, runs_enqueued: int,
               alive_workers: set[str]) -> int:
     """How many of a job's RQ runs are queued in Redis, or started by a worker that is alive
     (a run started by a killed worker stays "started" in RQ until its long timeout)."""
-    from rq.exceptions import NoSuchJobError
     from rq.job import Job as RQJob
 
     conn = redis_client(redis_url(settings))
+    ids = [run_id(job_id, n) for n in range(1, runs_enqueued + 1)]
     live = 0
-    for n in range(1, runs_enqueued + 1):
-        try:
-            rq_job = RQJob.fetch(run_id(job_id, n), connection=conn)
-        except NoSuchJobError:
+    for rq_job in RQJob.fetch_many(ids, connection=conn):  # one round trip
+        if rq_job is None:
             continue
         status = str(getattr(rq_job.get_status(refresh=False), "value", None))
         if status == "started":

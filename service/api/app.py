@@ -75,8 +75,8 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """A BaseException: the body parser's ``except Exception`` (-> 400) must not catch it."""
 
 
 def _maintenance(settings: Settings, stop: threading.Event) -> None:

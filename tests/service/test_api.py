@@ -194,7 +194,12 @@ def test_request_size_limit(stack, tiny_spec):
     tiny_spec["padding"] = "y" * (stack.settings.max_request_bytes + 10)
     with stack.client() as c:
         r = c.post("/v1/jobs", json=tiny_spec)
-    assert r.status_code == 413 and "HMAOPT_MAX_REQUEST_BYTES" in r.json()["message"]
+        assert r.status_code == 413 and "HMAOPT_MAX_REQUEST_BYTES" in r.json()["message"]
+        body = json.dumps(tiny_spec).encode()
+        chunked = c.post("/v1/jobs", content=(body[i:i + 65536]  # no Content-Length
+                                              for i in range(0, len(body), 65536)),
+                         headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 413, chunked.text
 
 
 def test_probes_metrics_and_openapi(stack, tiny_spec):
