@@ -17,6 +17,8 @@ from service.status import TERMINAL, JobStatus
 
 #: seconds between reconnections of a dropped event stream
 RECONNECT_SECONDS = 1.0
+#: seconds without a working connection after which waiting for a job gives up
+GIVE_UP_SECONDS = 300.0
 
 
 class Client:
@@ -53,7 +55,7 @@ class Client:
         """(event, data) of a job until its final status, reconnecting with Last-Event-ID."""
         import httpx
 
-        last = None
+        last, failing_since = None, None
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
@@ -62,12 +64,18 @@ class Client:
                     if response.status_code >= 400:
                         response.read()
                         raise _error(response)
+                    failing_since = None
                     for event, data, eid in _parse_sse(response.iter_lines()):
                         last = eid or last
                         yield event, data
                         if event in ("status", "job") and JobStatus(data["status"]) in TERMINAL:
                             return
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > GIVE_UP_SECONDS:
+                    raise DependencyUnavailableError(
+                        f"lost the hmaopt server at {self.server} for {GIVE_UP_SECONDS:.0f} s "
+                        f"({exc}); the job {job_id} goes on: `GET /v1/jobs/{job_id}`") from exc
                 time.sleep(RECONNECT_SECONDS)  # dropped: resume after the last event seen
                 continue
             # the server ended the stream: the job is final (or was when we connected)
