@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from service._version import __version__
 from service.api import errors
 from service.api.metrics import Metrics
-from service.api.routes import health, jobs, workers
+from service.api.routes import health, jobs, ui, workers
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -124,4 +124,11 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(workers.router)
+    app.include_router(ui.router)
+    from pathlib import Path
+
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/ui/static", StaticFiles(directory=Path(__file__).parent / "static"),
+              name="static")
     return app

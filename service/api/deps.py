@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Annotated
@@ -38,8 +39,33 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _check(session: Session, creds, role: Role) -> Token:
-    row = token_db.authenticate(session, creds.credentials if creds is not None else None)
+#: the dashboard's cookies: the API token (HttpOnly) and the CSRF token (read by its scripts)
+SESSION_COOKIE = "hmaopt_session"
+CSRF_COOKIE = "hmaopt_csrf"
+#: header (or form field ``csrf``) that must repeat the CSRF cookie on a cookie-authenticated
+#: mutation (double-submit)
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def request_token(request: Request, creds, form_csrf: str | None = None) -> str | None:
+    """The caller's API token: the Bearer header, else the dashboard's session cookie. A
+    cookie-authenticated mutation must carry the CSRF token (header or form field)."""
+    if creds is not None:
+        return creds.credentials
+    token = request.cookies.get(SESSION_COOKIE)
+    if token is not None and request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER) or form_csrf or ""
+        expected = request.cookies.get(CSRF_COOKIE) or ""
+        if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
+            raise PermissionDeniedError(
+                f"missing or wrong CSRF token: a signed-in browser must send the "
+                f"{CSRF_COOKIE} cookie's value in the {CSRF_HEADER} header")
+    return token
+
+
+def _check(session: Session, token: str | None, role: Role) -> Token:
+    row = token_db.authenticate(session, token)
     if not Role(row.role).allows(role):
         raise PermissionDeniedError(
             f"this needs the {role.value} role; token {row.name!r} has {row.role}")
@@ -51,21 +77,21 @@ def _check(session: Session, creds, role: Role) -> Token:
 
 
 def _caller(role: Role):
-    def dependency(session: SessionDep,
+    def dependency(session: SessionDep, request: Request,
                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
                    ) -> Token:
-        return _check(session, creds, role)
+        return _check(session, request_token(request, creds), role)
     return dependency
 
 
 def _streaming_caller(role: Role):
     """For long responses (SSE): authenticate in a session of its own, closed at once, so
     that an open stream holds no database connection."""
-    def dependency(settings: SettingsDep,
+    def dependency(settings: SettingsDep, request: Request,
                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
                    ) -> Token:
         with session_scope(settings.database()) as session:
-            return _check(session, creds, role)
+            return _check(session, request_token(request, creds), role)
     return dependency
 
 

@@ -1,0 +1,129 @@
+"""The team dashboard, served by the API process itself (``/`` and ``/ui/...``).
+
+Server-rendered pages (Jinja2, autoescaped), no CDN: every asset ships in the package.
+Sign-in takes an API token and keeps it in an HttpOnly, SameSite=Strict cookie beside a CSRF
+cookie; every cookie-authenticated mutation must repeat the CSRF value (deps.request_token).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from service.api.deps import (CSRF_COOKIE, SESSION_COOKIE, SessionDep, SettingsDep,
+                              request_token)
+from service.api.schemas import job_summary
+from service.db import jobs as job_db
+from service.db import tokens as token_db
+from service.errors import AuthenticationError, HmaoptError
+from service.status import JobStatus, Role
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).parent.parent / "templates")
+#: jobs per page of the jobs list
+PAGE_SIZE = 25
+#: seconds a dashboard sign-in lasts
+SESSION_SECONDS = 12 * 3600
+
+
+def _signed_in(request: Request, session):
+    """The token row of the signed-in browser, or None."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if token is None:
+        return None
+    try:
+        return token_db.authenticate(session, token)
+    except AuthenticationError:
+        return None
+
+
+def _render(request: Request, name: str, caller, status_code: int = 200, **context):
+    return templates.TemplateResponse(request, name, {
+        "caller": caller, "csrf": request.cookies.get(CSRF_COOKIE, ""),
+        "can_operate": caller is not None and Role(caller.role).allows(Role.OPERATOR),
+        **context}, status_code=status_code)
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.get("/ui/signin", response_class=HTMLResponse)
+def signin_form(request: Request, session: SessionDep, next: str = "/ui/jobs"):
+    return _render(request, "signin.html", _signed_in(request, session), next=_local(next),
+                   error=None)
+
+
+@router.post("/ui/signin", response_class=HTMLResponse)
+async def signin(request: Request, settings: SettingsDep) -> Response:
+    from fastapi.concurrency import run_in_threadpool
+
+    from service.db import session_scope
+
+    form = parse_qs((await request.body()).decode(errors="replace"))
+    token = (form.get("token") or [""])[0].strip()
+    target = _local((form.get("next") or ["/ui/jobs"])[0])
+
+    def check():
+        with session_scope(settings.database()) as s:
+            return token_db.authenticate(s, token)
+
+    try:
+        row = await run_in_threadpool(check)
+    except HmaoptError:
+        return _render(request, "signin.html", None, status_code=401, next=target,
+                       error="Unknown or revoked token.")
+    response = RedirectResponse(target, status_code=303)
+    secure = request.url.scheme == "https"
+    response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, httponly=True,
+                        samesite="strict", secure=secure, path="/")
+    response.set_cookie(CSRF_COOKIE, secrets.token_urlsafe(24), max_age=SESSION_SECONDS,
+                        httponly=False, samesite="strict", secure=secure, path="/")
+    response.headers["X-Signed-In-As"] = f"{row.name} ({row.role})"
+    return response
+
+
+@router.post("/ui/signout")
+async def signout(request: Request) -> Response:
+    form = parse_qs((await request.body()).decode(errors="replace"))
+    request_token(request, None, form_csrf=(form.get("csrf") or [None])[0])  # CSRF check
+    response = RedirectResponse("/ui/signin", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(CSRF_COOKIE, path="/")
+    return response
+
+
+@router.get("/ui/jobs", response_class=HTMLResponse)
+def jobs_page(request: Request, session: SessionDep,
+              status: Annotated[list[JobStatus] | None, Query()] = None,
+              q: str | None = None, page: Annotated[int, Query(ge=1)] = 1) -> Response:
+    caller = _signed_in(request, session)
+    if caller is None:
+        return RedirectResponse("/ui/signin?" + urlencode({"next": str(request.url.path)}),
+                                status_code=303)
+    rows, total = job_db.list_jobs(session, status=[s.value for s in status or []], q=q,
+                                   limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    pages = max(1, -(-total // PAGE_SIZE))
+    query = {"q": q or "", "status": [s.value for s in status or []]}
+    return _render(request, "jobs.html", caller, jobs=[job_summary(j) for j in rows],
+                   total=total, page=page, pages=pages, q=q or "",
+                   statuses=[s.value for s in JobStatus],
+                   selected={s.value for s in status or []},
+                   prev_url=_page_url(query, page - 1) if page > 1 else None,
+                   next_url=_page_url(query, page + 1) if page < pages else None)
+
+
+def _page_url(query: dict, page: int) -> str:
+    return "/ui/jobs?" + urlencode({**query, "page": page}, doseq=True)
+
+
+def _local(target: str) -> str:
+    """Only local redirects after sign-in (no open redirect)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/ui/jobs"
