@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test services bench clean
+.PHONY: install demo test services browser bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,10 +18,13 @@ install: $(BIN)/python
 services:
 	bash scripts/services.sh
 
+browser:
+	bash scripts/browser.sh
+
 demo: install
 	bash scripts/demo.sh
 
-test: install services
+test: install services browser
 	$(BIN)/python -m pytest
 
 bench: install
