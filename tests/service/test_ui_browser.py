@@ -48,3 +48,66 @@ def test_signin_and_the_jobs_list_in_chromium(browser, stack, tiny_spec):
     page.click("header .signout button")
     page.wait_for_url(f"{stack.url}/ui/signin")
     page.close()
+
+
+def _trial(number, reward, tax, kind="search", feasible=True, state="complete", ratio=None):
+    return dict(number=number, kind=kind, state=state,
+                ratios={"block0": 0.2 + number / 100, "block1": 0.7},
+                reward=None if state == "pruned" else reward, tax=tax, feasible=feasible,
+                stage=1 if state == "pruned" else 2, metrics={"add": 0.5}, task_tax={"add": tax},
+                uniform_ratio=ratio, merge_seconds=0.001, eval_seconds=0.1)
+
+
+def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
+    from service import queue
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.status import JobStatus
+    from workers.search import jsonable
+
+    with stack.client() as api:
+        job = api.post("/v1/jobs", json=tiny_spec).json()
+    url = stack.settings.database()
+    with session_scope(url) as s:
+        job_db.set_status(s, job["id"], JobStatus.RUNNING)
+        for t in (_trial(0, 1.0, 0.0, "uniform", ratio=0.0), _trial(1, 2.0, 0.1, "uniform", ratio=0.5),
+                  _trial(2, 3.0, 0.9, feasible=False), _trial(3, None, 0.8, feasible=False,
+                                                              state="pruned")):
+            job_db.add_trial(s, job["id"], **t)
+        job_db.refresh_progress(s, job["id"])
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{stack.url}/ui/signin?next=/ui/jobs/{job['id']}")
+    page.fill("#token", stack.tokens["operator"])
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{stack.url}/ui/jobs/{job['id']}")
+    page.wait_for_selector("#trials tbody tr[data-trial='3']")
+    points = "() => document.getElementById('scatter').data.slice(0, 3).map(t => t.x.length)"
+    assert page.evaluate(points) == [2, 1, 1]  # feasible, over budget, pruned
+    assert "weight on the aligned model" in page.inner_text("#profile")
+    assert page.is_visible("#cancel") and page.is_visible("#export")
+    # a trial finished by a worker appears without a reload (same code path as the worker)
+    row = _trial(4, 5.0, 0.05)
+    with session_scope(url) as s:
+        job_db.add_trial(s, job["id"], **row)
+        j = job_db.refresh_progress(s, job["id"])
+        progress = {"trials_finished": j.trials_finished, "n_trials": j.n_trials,
+                    "best_trial": j.best_trial, "best_reward": j.best_reward,
+                    "best_tax": j.best_tax, "baseline_reward": j.baseline_reward,
+                    "gain": j.gain}
+    queue.publish(stack.settings, job["id"], "trial", jsonable({**row, **progress}))
+    page.wait_for_selector("#trials tbody tr[data-trial='4']", timeout=10_000)
+    page.wait_for_function("() => document.getElementById('scatter').data[0].x.length === 3")
+    assert page.inner_text("#best") == "5.000"
+    assert all(u.startswith(stack.url) for u in requests), [u for u in requests
+                                                             if not u.startswith(stack.url)]
+    page.close()
+    # a viewer sees no cancel or export button
+    viewer = browser.new_page()
+    viewer.goto(f"{stack.url}/ui/signin?next=/ui/jobs/{job['id']}")
+    viewer.fill("#token", stack.tokens["viewer"])
+    viewer.click("button[type=submit]")
+    viewer.wait_for_url(f"{stack.url}/ui/jobs/{job['id']}")
+    assert viewer.locator("#cancel").count() == 0 and viewer.locator("#export").count() == 0
+    viewer.close()

@@ -120,6 +120,30 @@ def jobs_page(request: Request, session: SessionDep,
                    next_url=_page_url(query, page + 1) if page < pages else None)
 
 
+@router.get("/ui/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
+    """The live job page: figures and table are drawn by static/job.js from the REST API and
+    kept current over the job's server-sent events."""
+    caller = _signed_in(request, session)
+    if caller is None:
+        return RedirectResponse("/ui/signin?" + urlencode({"next": str(request.url.path)}),
+                                status_code=303)
+    job = job_summary(job_db.get_job(session, job_id), detail=True)
+    return _render(request, "job.html", caller, job=job)
+
+
+@router.get("/ui/vendor/plotly.min.js")
+def plotly_js() -> Response:
+    """plotly.js from the plotly Python package: no CDN."""
+    from fastapi.responses import FileResponse
+
+    import plotly
+
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    return FileResponse(path, media_type="text/javascript",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
 def _page_url(query: dict, page: int) -> str:
     return "/ui/jobs?" + urlencode({**query, "page": page}, doseq=True)
 
