@@ -441,6 +441,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
     from service.db.migrate import check_schema
+    from service.db.session import safe_url
     from service.embedded import EmbeddedStack
 
     settings = get_settings()
@@ -452,7 +453,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = stack.start()
         print(f"hmaopt {__version__}: API on http://{args.host}:{args.port} (docs /docs), "
-              f"database {_safe(settings.database())}, Redis {_safe(settings.redis_url)}, "
+              f"database {safe_url(settings.database())}, Redis {safe_url(settings.redis_url)}, "
               f"{workers} local worker(s)", file=sys.stderr)
         # uvicorn re-raises the SIGTERM it caught once it has shut down: make that an
         # exception, so that the local workers and Valkey are stopped below
@@ -470,21 +471,16 @@ def _exit_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _safe(url: str) -> str:
-    from service.db.session import safe_url
-
-    return safe_url(url)
-
-
 def _cmd_worker(args: argparse.Namespace) -> int:
     from service.db.migrate import check_schema
+    from service.db.session import safe_url
     from workers.loop import WorkerProcess
 
     settings = get_settings()
     check_schema(settings.database())
     worker = WorkerProcess(settings, device=args.device, name=args.name)
     print(f"worker {worker.name} ({worker.id}) on {args.device}: queue {settings.queue_name}, "
-          f"database {_safe(settings.database())}", file=sys.stderr)
+          f"database {safe_url(settings.database())}", file=sys.stderr)
     try:
         worker.work(burst=args.burst)
     finally:
@@ -493,25 +489,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _read_spec_for_submit(path: str, server_paths: bool) -> dict:
-    from pathlib import Path
+    from service.spec import load_spec
 
-    import yaml
-    from pydantic import ValidationError
-
-    from service.spec import JobSpec, load_spec, spec_error_from_validation
-
-    if not server_paths:
-        spec = load_spec(path)
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise NotFoundError(f"job spec {file} does not exist")
-        try:
-            spec = JobSpec.model_validate(yaml.safe_load(file.read_text()))
-        except yaml.YAMLError as exc:
-            raise SpecError(f"cannot read {file}: {exc}") from exc
-        except ValidationError as exc:
-            raise spec_error_from_validation(exc) from exc
+    spec = load_spec(path, resolve=not server_paths)
     spec.check()
     return spec.model_dump(mode="json", exclude_unset=False)
 

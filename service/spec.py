@@ -305,8 +305,9 @@ class JobSpec(BaseModel):
         return JobSpec.model_validate(data)
 
 
-def load_spec(path) -> JobSpec:
-    """Read a YAML or JSON job spec; relative paths resolve against the spec's folder."""
+def load_spec(path, *, resolve: bool = True) -> JobSpec:
+    """Read a YAML or JSON job spec; relative paths resolve against the spec's folder
+    (``resolve=False``: kept as written, e.g. to resolve in a server's roots)."""
     from pathlib import Path
 
     import yaml
@@ -326,5 +327,7 @@ def load_spec(path) -> JobSpec:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise spec_error_from_validation(exc) from exc
+    if not resolve:
+        return spec
     folder = file.parent.resolve()
     return spec.with_paths(lambda _f, p: str(p if Path(p).is_absolute() else folder / p))

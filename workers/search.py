@@ -438,15 +438,11 @@ def _bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="trials", unit="trial", dynamic_ncols=True)
 
 
-def _safe_url(url: str | None) -> str | None:
-    """The storage URL without a password."""
-    url = getattr(url, "url", url)  # an RDBStorage
-    if url is None or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+def _safe_url(storage) -> str | None:
+    """The storage URL (of a URL or an RDBStorage) without a password."""
+    from service.db.session import safe_url
+
+    return safe_url(getattr(storage, "url", storage))
 
 
 def jsonable(value):

@@ -190,9 +190,10 @@ def claim_finalizer(session, job_id: str, worker_id: str) -> bool:
     from sqlalchemy import exists
 
     from service.db.models import Worker
+    from service.db.workers import ALIVE
 
     holder_alive = exists().where(Worker.id == Job.finalizer,
-                                  Worker.state.in_(("idle", "busy")))
+                                  Worker.state.in_(ALIVE))
     stmt = (update(Job).where(Job.id == job_id,
                               or_(Job.finalizer.is_(None), Job.finalizer == worker_id,
                                   ~holder_alive))

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from service.api.deps import SessionDep, SettingsDep, Viewer
 from service.db.models import Worker, utcnow
+from service.db.workers import ALIVE
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
@@ -39,14 +40,14 @@ def list_workers(_: Viewer, session: SessionDep, settings: SettingsDep,
     """Workers, live ones first; stopped and dead ones only with include_stopped."""
     stmt = select(Worker).order_by(Worker.heartbeat_at.desc())
     if not include_stopped:
-        stmt = stmt.where(Worker.state.in_(("idle", "busy")))
+        stmt = stmt.where(Worker.state.in_(ALIVE))
     now = utcnow()
     data = []
     for w in session.scalars(stmt):
         age = (now - w.heartbeat_at).total_seconds()
         data.append(WorkerPublic(
             id=w.id, name=w.name, hostname=w.hostname, pid=w.pid, device=w.device, state=w.state,
-            alive=w.state in ("idle", "busy") and age <= settings.worker_stale_seconds,
+            alive=w.state in ALIVE and age <= settings.worker_stale_seconds,
             job_id=w.job_id, started_at=w.started_at, heartbeat_at=w.heartbeat_at,
             heartbeat_age_seconds=age))
     return WorkerList(data=data, count=len(data))
