@@ -377,6 +377,13 @@ class JobRun:
             search = Search(spec, merger, evaluator, storage=storage,
                             name=study_name(self.job_id), resume=True, live_running=True)
             self._backfill(search)
+        with session_scope(self.url) as session:
+            job = job_db.get_job(session, self.job_id)
+            fresh = job.layout is None
+            if fresh:
+                job.layout = merger.grouping.describe()
+        if fresh:
+            self.publish("layout", merger.grouping.describe())
         t1 = time.perf_counter()
         cached = measure_base(merger, evaluator, cache_dir=self.settings.cache_dir,
                               on_batch=self.check_batch)

@@ -80,6 +80,8 @@ class JobDetail(JobSummary):
     result: dict | None = Field(description="the final result: holdout figures, pareto front, "
                                 "timings (as `hmaopt search --json`)")
     export: ExportState
+    layout: dict | None = Field(description="the grouping: decoder layers of each group and "
+                                "the ratio slots (written when a worker starts the job)")
 
 
 class JobList(BaseModel):
@@ -108,6 +110,19 @@ class TrialPublic(BaseModel):
 class TrialList(BaseModel):
     data: list[TrialPublic]
     count: int
+
+
+class TrialPoints(BaseModel):
+    """Every finished trial of a job in columns, for figures: one entry per trial, by number.
+    Reward and tax are rounded to 6 significant digits (the trials endpoint has them exact)."""
+    count: int
+    number: list[int]
+    kind: list[str]
+    state: list[str]
+    feasible: list[bool]
+    reward: list[float | None]
+    tax: list[float]
+    uniform_ratio: list[float | None]
 
 
 class ExportRequest(BaseModel):
@@ -145,9 +160,9 @@ def job_summary(job: Job, detail: bool = False) -> JobSummary | JobDetail:
         cancel_requested=job.cancel_requested, error=job.error)
     if not detail:
         return JobSummary(**fields)
-    return JobDetail(**fields, spec=job.spec, result=job.result, export=ExportState(
-        status=job.export_status, dir=job.export_dir, error=job.export_error,
-        manifest=job.export_manifest))
+    return JobDetail(**fields, spec=job.spec, result=job.result, layout=job.layout,
+                     export=ExportState(status=job.export_status, dir=job.export_dir,
+                                        error=job.export_error, manifest=job.export_manifest))
 
 
 def trial_public(t: Trial) -> TrialPublic:

@@ -170,6 +170,23 @@ def list_trials(session, job_id: str, *, sort: str = "number", desc: bool = Fals
     return list(rows), total
 
 
+def trial_points(session, job_id: str) -> list[tuple]:
+    """(number, kind, state, feasible, reward, tax, uniform_ratio) of every finished trial,
+    by number: the columns the dashboard's figures need, without loading whole rows."""
+    get_job(session, job_id)
+    return list(session.execute(
+        select(Trial.number, Trial.kind, Trial.state, Trial.feasible, Trial.reward, Trial.tax,
+               Trial.uniform_ratio).where(Trial.job_id == job_id).order_by(Trial.number)))
+
+
+def get_trial(session, job_id: str, number: int) -> Trial:
+    get_job(session, job_id)
+    trial = session.scalar(select(Trial).where(Trial.job_id == job_id, Trial.number == number))
+    if trial is None:
+        raise NotFoundError(f"job {job_id} has no finished trial {number}")
+    return trial
+
+
 def pareto_trials(session, job_id: str) -> list[Trial]:
     """Feasible trials not dominated in (higher reward, lower tax), by tax."""
     get_job(session, job_id)

@@ -68,6 +68,8 @@ class Job(Base):
     baseline_reward: Mapped[float | None] = mapped_column(Float)
     baseline_tax: Mapped[float | None] = mapped_column(Float)
     result: Mapped[dict | None]
+    #: the grouping's layers and slots (Grouping.describe()), written when a worker starts it
+    layout: Mapped[dict | None]
     error: Mapped[str | None] = mapped_column(Text)
     # queue bookkeeping
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

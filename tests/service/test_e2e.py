@@ -26,6 +26,34 @@ def _study(settings, job_id):
     return optuna.load_study(study_name=f"hmaopt:{job_id}", storage=settings.database())
 
 
+def _optuna_dashboard_shows(storage: str, study, best: dict) -> None:
+    """GET optuna-dashboard's own study API through its WSGI app (what `optuna-dashboard
+    URL` serves) and find the best trial's ratios, reward and tax in its user attributes."""
+    import io
+    import json
+
+    from optuna_dashboard import wsgi
+
+    app = wsgi(storage)
+
+    def get(path: str) -> dict:
+        status = []
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "",
+                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+                   "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO()}
+        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
+        assert status[0].startswith("200"), (path, status, body[:500])
+        return json.loads(body)
+
+    names = {s["study_name"]: s["study_id"] for s in get("/api/studies")["study_summaries"]}
+    detail = get(f"/api/studies/{names[study.study_name]}")
+    attrs = {t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]}
+             for t in detail["trials"]}
+    shown = attrs[best["number"]]
+    assert {"ratios", "reward", "tax", "kind", "feasible"} <= set(shown)
+    assert str(round(best["reward"], 4))[:5] in shown["reward"]
+
+
 def _states(study) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for t in study.get_trials(deepcopy=False):
@@ -94,6 +122,19 @@ def test_end_to_end_over_rest(stack, tiny_spec):
     assert sorted(t.number for t in study.trials if t.state.is_finished()) == numbers
     assert study.user_attrs["result"]["best"]["trial"] == final["best"]["trial"]
     assert all(t.user_attrs["worker"] for t in study.trials)
+    # the dashboard's reads: the trial points in columns, one trial, the grouping's layers
+    points = client.request("GET", f"/v1/jobs/{job['id']}/points")
+    assert points["count"] == 6 and points["number"] == numbers
+    by_number = {t["number"]: t for t in trials}
+    assert points["tax"] == [pytest.approx(by_number[n]["tax"], rel=1e-5) for n in numbers]
+    one = client.request("GET", f"/v1/jobs/{job['id']}/trials/{best['number']}")
+    assert one == best
+    layout = final["layout"]
+    assert layout["num_layers"] == 4 and layout["slots"] == list(best["ratios"])
+    assert sorted(layer for g in layout["groups"] for layer in g["layers"]) == [0, 1, 2, 3]
+    assert [d for e, d in events if e == "layout"] == [layout]
+    # optuna-dashboard opens the same database and shows ratios, reward and tax per trial
+    _optuna_dashboard_shows(stack.settings.database(), study, best)
     # the worker reports its liveness
     workers = client.request("GET", "/v1/workers")["data"]
     assert [(w["name"], w["alive"], w["state"]) for w in workers] == [("w", True, "idle")]

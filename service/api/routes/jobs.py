@@ -14,7 +14,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from service import queue
 from service.api.deps import Operator, SessionDep, SettingsDep, StreamViewer, Viewer
 from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetail, JobList,
-                                 TrialList, TrialPublic, job_summary, trial_public)
+                                 TrialList, TrialPoints, TrialPublic, job_summary,
+                                 trial_public)
 from service.db import jobs as job_db
 from service.db import session_scope
 from service.errors import ConflictError, NotFoundError
@@ -110,6 +111,28 @@ def list_trials(job_id: str, _: Viewer, session: SessionDep,
     rows, total = job_db.list_trials(session, job_id, sort=sort, desc=order == "desc",
                                      kind=kind, feasible=feasible, limit=limit, offset=offset)
     return TrialList(data=[trial_public(t) for t in rows], count=total)
+
+
+@router.get("/{job_id}/points", response_model=TrialPoints, responses=ERRORS)
+def trial_points(job_id: str, _: Viewer, session: SessionDep):
+    """Every finished trial in columns (no ratios, no metrics): what a reward-tax figure of
+    a large study needs in one small response. Reward and tax to 6 significant digits."""
+    rows = job_db.trial_points(session, job_id)
+    cols = list(zip(*rows)) if rows else [()] * 7
+    return TrialPoints(count=len(rows), number=cols[0], kind=cols[1], state=cols[2],
+                       feasible=cols[3], reward=[_round(v) for v in cols[4]],
+                       tax=[_round(v) for v in cols[5]], uniform_ratio=cols[6])
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.6g}")
+
+
+@router.get("/{job_id}/trials/{number}", response_model=TrialPublic, responses={
+    **ERRORS, 404: {"model": ErrorBody, "description": "no such job, or no such finished trial"}})
+def get_trial(job_id: str, number: int, _: Viewer, session: SessionDep):
+    """One finished trial: ratios, reward, tax, per-task metrics, timings."""
+    return trial_public(job_db.get_trial(session, job_id, number))
 
 
 @router.get("/{job_id}/best", response_model=TrialPublic, responses={
