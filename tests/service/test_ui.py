@@ -71,3 +71,37 @@ def test_cookie_mutations_need_csrf_and_the_role(stack, tiny_spec):
     assert out.status_code == 303 and out.headers["location"] == "/ui/signin"
     assert "hmaopt_session" not in operator.cookies
     assert operator.get("/ui/jobs").status_code == 303
+
+
+def test_compressed_assets_and_points_but_never_the_event_stream(stack, tiny_spec):
+    from service.db import jobs as job_db
+    from service.db import session_scope
+
+    with stack.client() as api:
+        job = api.post("/v1/jobs", json=tiny_spec).json()
+    with session_scope(stack.settings.database()) as s:
+        for n in range(200):
+            job_db.add_trial(s, job["id"], number=n, kind="search", state="complete",
+                             ratios={"block0": 0.5, "block1": 0.5}, reward=n / 7, tax=n / 1000,
+                             feasible=True, stage=2, metrics={}, task_tax={},
+                             uniform_ratio=None, merge_seconds=0.0, eval_seconds=0.0)
+    c = _signin(stack, "viewer")
+    js = c.get("/ui/vendor/plotly.min.js", headers={"Accept-Encoding": "gzip"})
+    assert js.headers["content-encoding"] == "gzip"
+    wire = int(js.headers["content-length"])
+    assert wire < len(js.content) / 2 and js.text.lstrip().startswith("/**")  # httpx inflated it
+    again = c.get("/ui/vendor/plotly.min.js", headers={"If-None-Match": js.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    plain = c.get("/ui/vendor/plotly.min.js", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.content == js.content
+    points = c.get(f"/v1/jobs/{job['id']}/points", headers={"Accept-Encoding": "gzip"})
+    assert points.headers["content-encoding"] == "gzip"
+    body = points.json()
+    assert body["count"] == 200 and body["number"] == list(range(200))
+    assert body["reward"][1] == float(f"{1 / 7:.6g}")  # 6 significant digits
+    with c.stream("GET", f"/v1/jobs/{job['id']}/events",
+                  headers={"Accept-Encoding": "gzip"}) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert "content-encoding" not in events.headers
+    missing = c.get(f"/v1/jobs/{job['id']}/trials/999")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"

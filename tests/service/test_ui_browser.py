@@ -50,6 +50,13 @@ def test_signin_and_the_jobs_list_in_chromium(browser, stack, tiny_spec):
     page.close()
 
 
+#: Grouping.describe() of 4 decoder layers in 2 blocks
+LAYOUT = {"scheme": "blocks", "spec": {"scheme": "blocks", "k": 2, "split_attn_mlp": False},
+          "num_layers": 4, "groups": [{"name": "block0", "layers": [0, 1]},
+                                      {"name": "block1", "layers": [2, 3]}],
+          "slots": ["block0", "block1"], "non_layer_rule": "nearest", "tied_embeddings": False}
+
+
 def _trial(number, reward, tax, kind="search", feasible=True, state="complete", ratio=None):
     return dict(number=number, kind=kind, state=state,
                 ratios={"block0": 0.2 + number / 100, "block1": 0.7},
@@ -86,6 +93,9 @@ def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
     points = "() => document.getElementById('scatter').data.slice(0, 3).map(t => t.x.length)"
     assert page.evaluate(points) == [2, 1, 1]  # feasible, over budget, pruned
     assert "weight on the aligned model" in page.inner_text("#profile")
+    # no worker has started the job: no layout yet, the profile is drawn per ratio slot
+    profile = "() => document.getElementById('profile').data.map(t => [t.name, t.x, t.y])"
+    assert page.evaluate(profile)[0][:2] == ["best trial 1", ["block0", "block1"]]
     assert page.is_visible("#cancel") and page.is_visible("#export")
     # a trial finished by a worker appears without a reload (same code path as the worker)
     row = _trial(4, 5.0, 0.05)
@@ -100,6 +110,15 @@ def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
     page.wait_for_selector("#trials tbody tr[data-trial='4']", timeout=10_000)
     page.wait_for_function("() => document.getElementById('scatter').data[0].x.length === 3")
     assert page.inner_text("#best") == "5.000"
+    # the worker's layout event: the profile becomes one α per decoder layer (2 blocks of 2)
+    queue.publish(stack.settings, job["id"], "layout", LAYOUT)
+    page.wait_for_function("() => document.getElementById('profile').data[0].x.length === 4")
+    name, x, y = page.evaluate(profile)[0]
+    assert name == "best trial 4" and x == [0, 1, 2, 3] and y == pytest.approx([0.24, 0.24, 0.7, 0.7])
+    assert page.evaluate(profile)[1][2] == [0.5] * 4  # the best uniform α, on every layer
+    page.click("#trials tbody tr[data-trial='2']")  # a clicked trial's profile
+    page.wait_for_function("() => document.getElementById('profile').data[0].name === 'trial 2'")
+    assert page.evaluate(profile)[0][2] == pytest.approx([0.22, 0.22, 0.7, 0.7])
     assert all(u.startswith(stack.url) for u in requests), [u for u in requests
                                                              if not u.startswith(stack.url)]
     page.close()
@@ -111,3 +130,59 @@ def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
     viewer.wait_for_url(f"{stack.url}/ui/jobs/{job['id']}")
     assert viewer.locator("#cancel").count() == 0 and viewer.locator("#export").count() == 0
     viewer.close()
+
+
+def test_compare_two_jobs_by_url(browser, stack, tiny_spec):
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.status import JobStatus
+
+    ids = []
+    with stack.client() as api:
+        for name, top in (("nightly-a", 2.0), ("nightly-b", 3.0)):
+            job = api.post("/v1/jobs", json={**tiny_spec, "name": name}).json()
+            ids.append(job["id"])
+            with session_scope(stack.settings.database()) as s:
+                job_db.set_status(s, job["id"], JobStatus.RUNNING)
+                job_db.add_trial(s, job["id"], **_trial(0, 1.0, 0.0, "uniform", ratio=0.0))
+                job_db.add_trial(s, job["id"], **_trial(1, top, 0.1))
+                job_db.add_trial(s, job["id"], **_trial(2, top + 1, 0.9, feasible=False))
+                job_db.refresh_progress(s, job["id"])
+                s.get(job_db.Job, job["id"]).layout = LAYOUT
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{stack.url}/ui/signin?next=/ui/jobs")
+    page.fill("#token", stack.tokens["viewer"])
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{stack.url}/ui/jobs")
+    for job_id in ids:  # tick both jobs on the jobs page and compare them
+        page.check(f"tr[data-job='{job_id}'] input[name=jobs]")
+    page.click("button[form=compare]")
+    page.wait_for_url(f"{stack.url}/ui/compare?*")
+    shared = page.url
+    assert all(f"jobs={i}" in shared for i in ids)
+    rows = page.locator("#best-results tbody tr")
+    # in the address's order: the jobs page lists the newest first
+    assert [rows.nth(i).get_attribute("data-job") for i in range(2)] == ids[::-1]
+    assert [rows.nth(i).locator(".best-reward").inner_text() for i in range(2)] == ["3", "2"]
+    page.wait_for_function("() => document.getElementById('profile').data")
+    curves = page.evaluate("() => document.getElementById('best-so-far').data.map(t => t.y)")
+    assert curves == [[1.0, 3.0, 3.0], [1.0, 2.0, 2.0]]
+    scatter = page.evaluate("() => document.getElementById('scatter').data"
+                            ".filter(t => t.type === 'scattergl').map(t => [t.name, t.x.length])")
+    assert [n for _, n in scatter] == [2, 1, 2, 1]  # per job: feasible, over budget
+    profiles = page.evaluate("() => document.getElementById('profile').data.map(t => t.x)")
+    assert profiles == [[0, 1, 2, 3]] * 2
+    assert all(u.startswith(stack.url) for u in requests), requests
+    page.close()
+    # the URL alone opens the same comparison in another signed-in browser
+    other = browser.new_page()
+    other.goto(f"{stack.url}/ui/signin?next=" + shared.removeprefix(stack.url).replace("&", "%26"))
+    other.fill("#token", stack.tokens["viewer"])
+    other.click("button[type=submit]")
+    other.wait_for_url(shared)
+    assert other.locator("#best-results tbody tr").count() == 2
+    other.goto(f"{stack.url}/ui/compare?jobs=nosuchjob")
+    assert other.locator(".error").first.inner_text() == "No job nosuchjob."
+    other.close()

@@ -7,6 +7,8 @@ cookie; every cookie-authenticated mutation must repeat the CSRF value (deps.req
 
 from __future__ import annotations
 
+import functools
+import gzip
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -21,7 +23,7 @@ from service.api.deps import (CSRF_COOKIE, SESSION_COOKIE, SessionDep, SettingsD
 from service.api.schemas import job_summary
 from service.db import jobs as job_db
 from service.db import tokens as token_db
-from service.errors import AuthenticationError, HmaoptError
+from service.errors import AuthenticationError, HmaoptError, NotFoundError
 from service.status import JobStatus, Role
 
 router = APIRouter(include_in_schema=False)
@@ -106,7 +108,7 @@ def jobs_page(request: Request, session: SessionDep,
               q: str | None = None, page: Annotated[int, Query(ge=1)] = 1) -> Response:
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": str(request.url.path)}),
+        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
                                 status_code=303)
     rows, total = job_db.list_jobs(session, status=[s.value for s in status or []], q=q,
                                    limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
@@ -126,26 +128,77 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
     kept current over the job's server-sent events."""
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": str(request.url.path)}),
+        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
                                 status_code=303)
     job = job_summary(job_db.get_job(session, job_id), detail=True)
     return _render(request, "job.html", caller, job=job)
 
 
-@router.get("/ui/vendor/plotly.min.js")
-def plotly_js() -> Response:
-    """plotly.js from the plotly Python package: no CDN."""
-    from fastapi.responses import FileResponse
+#: one colour per compared job (table swatch and every figure)
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
+          "#e377c2")
+#: the most jobs one comparison shows
+COMPARE_MAX = 8
 
+
+@router.get("/ui/compare", response_class=HTMLResponse)
+def compare_page(request: Request, session: SessionDep,
+                 jobs: Annotated[list[str] | None, Query()] = None) -> Response:
+    """Two or more jobs overlaid; the address (``?jobs=ID&jobs=ID``) is the share link."""
+    caller = _signed_in(request, session)
+    if caller is None:
+        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
+                                status_code=303)
+    ids = list(dict.fromkeys(i.strip() for raw in jobs or [] for i in raw.split(",")
+                             if i.strip()))[:COMPARE_MAX]
+    found, missing = [], []
+    for job_id in ids:
+        try:
+            found.append(job_summary(job_db.get_job(session, job_id), detail=True))
+        except NotFoundError:
+            missing.append(job_id)
+    recent, _ = job_db.list_jobs(session, limit=50)
+    picked = {j.id for j in found}
+    figures = [{"id": j.id, "name": j.name, "budget": j.budget, "color": COLORS[i % len(COLORS)],
+                "layout": j.layout, "best_ratios": j.best.ratios if j.best else None}
+               for i, j in enumerate(found)]
+    without = {j.id: "/ui/compare?" + urlencode({"jobs": [k.id for k in found if k is not j]},
+                                                doseq=True) for j in found}
+    return _render(request, "compare.html", caller, jobs=found, missing=missing,
+                   others=[job_summary(j) for j in recent if j.id not in picked],
+                   figures=figures, colors=COLORS, without=without)
+
+
+@router.get("/ui/vendor/plotly.min.js")
+def plotly_js(request: Request) -> Response:
+    """plotly.js from the plotly Python package (no CDN), gzip-compressed once per process:
+    4.8 MB becomes about 1.4 MB on the wire."""
+    body, etag = _plotly_gzip()
+    headers = {"Cache-Control": "public, max-age=86400", "ETag": etag, "Vary": "Accept-Encoding"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        return Response(body, media_type="text/javascript",
+                        headers={**headers, "Content-Encoding": "gzip"})
+    return Response(gzip.decompress(body), media_type="text/javascript", headers=headers)
+
+
+@functools.cache
+def _plotly_gzip() -> tuple[bytes, str]:
     import plotly
 
-    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    return FileResponse(path, media_type="text/javascript",
-                        headers={"Cache-Control": "public, max-age=86400"})
+    raw = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
+    return gzip.compress(raw, compresslevel=9, mtime=0), f'"plotly-{plotly.__version__}"'
 
 
 def _page_url(query: dict, page: int) -> str:
     return "/ui/jobs?" + urlencode({**query, "page": page}, doseq=True)
+
+
+def _here(request: Request) -> str:
+    """This page's local address with its query, to come back to after sign-in."""
+    query = request.url.query
+    return request.url.path + ("?" + query if query else "")
 
 
 def _local(target: str) -> str:

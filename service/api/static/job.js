@@ -1,115 +1,102 @@
-// The live job page: trials from the REST API (paged), kept current over the job's SSE
-// stream (EventSource reconnects with Last-Event-ID by itself). New trials are appended to
-// the figures (Plotly.extendTraces), never re-rendered from scratch.
+// The live job page. Figures come from the job's trial points (one columnar response, no
+// ratios), the table from the paged trials endpoint; the job's server-sent events keep both
+// current (EventSource reconnects with Last-Event-ID by itself). New points are appended to
+// the figures (Plotly.extendTraces); only a new best or baseline point redraws.
 "use strict";
 (function () {
+  const H = window.hmaopt;
   const root = document.getElementById("job");
   const jobId = root.dataset.job, budget = parseFloat(root.dataset.budget);
-  const csrf = root.dataset.csrf;
+  let layout = JSON.parse(document.getElementById("layout").textContent);
   const PAGE = 50;
   let sort = "number", order = "desc", offset = 0;
-  let trials = [];          // every finished trial seen, for the figures
+  const trials = [];        // every finished trial seen (points: no ratios)
   const seen = new Set();   // their numbers (the event stream replays from its start)
-  let bestSoFar = null;
-
-  const api = (path, opts = {}) => fetch(path, Object.assign({credentials: "same-origin",
-    headers: Object.assign({"X-CSRF-Token": csrf, "Content-Type": "application/json"},
-                           opts.headers || {})}, opts)).then(async r => {
-      const body = await r.json().catch(() => ({}));
-      if (!r.ok) throw new Error(body.message || r.statusText);
-      return body;
-    });
+  let best = null;          // the best feasible point
+  let shown = null;         // the trial (with ratios) the profile shows; null: the best
+  const full = new Map();   // trials with ratios, by number
 
   // ------------------------------------------------------------------ figures
-  const cls = t => t.state === "pruned" ? 2 : (t.feasible ? 0 : 1);
-  const traceOf = t => [t.tax, t.reward === null ? null : t.reward, t.number];
   function scatterTraces() {
     const mk = (name, symbol, color) => ({type: "scattergl", mode: "markers", name,
       x: [], y: [], customdata: [], marker: {symbol, color, size: 8},
       hovertemplate: "trial %{customdata}<br>tax %{x:.4f}<br>reward %{y:.4g}<extra>" + name + "</extra>"});
-    return [mk("feasible", "circle", "#137333"), mk("over budget", "x", "#b3261e"),
-            mk("pruned (stage 1, no reward: drawn at 0)", "triangle-down-open", "#888"),
-            {type: "scatter", mode: "lines+markers", name: "uniform α (vanilla averaging)",
-             x: [], y: [], line: {dash: "dot", color: "#0a58ca"}, marker: {symbol: "square"}},
-            {type: "scatter", mode: "markers", name: "best", x: [], y: [],
-             marker: {symbol: "star", size: 16, color: "#f5a300", line: {color: "#000", width: 1}}}];
+    const tr = [mk("feasible", "circle", "#137333"), mk("over budget", "x", "#b3261e"),
+      mk("pruned (stage 1, no reward: drawn at 0)", "triangle-down-open", "#888")];
+    for (const t of trials) {
+      const k = H.cls(t);
+      tr[k].x.push(t.tax); tr[k].y.push(k === 2 ? 0 : t.reward); tr[k].customdata.push(t.number);
+    }
+    const uni = H.uniform(trials);
+    tr.push({type: "scatter", mode: "lines+markers", name: "uniform α (vanilla averaging)",
+      x: uni.map(t => t.tax), y: uni.map(t => t.reward), customdata: uni.map(t => t.number),
+      text: uni.map(t => "α=" + t.uniform_ratio), line: {dash: "dot", color: "#0a58ca"},
+      marker: {symbol: "square"}, hovertemplate: "%{text}<br>tax %{x:.4f}<br>reward %{y:.4g}<extra>uniform</extra>"});
+    tr.push({type: "scatter", mode: "markers", name: "best", x: best ? [best.tax] : [],
+      y: best ? [best.reward] : [], customdata: best ? [best.number] : [],
+      marker: {symbol: "star", size: 16, color: "#f5a300", line: {color: "#000", width: 1}}});
+    return tr;
   }
   function drawAll() {
-    const tr = scatterTraces();
-    for (const t of trials) {
-      const [x, y, n] = traceOf(t);
-      const k = cls(t);
-      tr[k].x.push(x); tr[k].y.push(k === 2 ? 0 : y); tr[k].customdata.push(n);
-    }
-    const uni = trials.filter(t => t.kind === "uniform" && t.reward !== null)
-      .sort((a, b) => a.uniform_ratio - b.uniform_ratio);
-    tr[3].x = uni.map(t => t.tax); tr[3].y = uni.map(t => t.reward);
-    tr[3].text = uni.map(t => "α=" + t.uniform_ratio);
-    const best = bestOf(trials);
-    if (best) { tr[4].x = [best.tax]; tr[4].y = [best.reward]; }
-    Plotly.react("scatter", tr, {title: {text: "reward vs tax (budget " + budget + ")"},
-      xaxis: {title: {text: "tax"}}, yaxis: {title: {text: "reward"}}, height: 360,
+    best = H.bestOf(trials);
+    Plotly.react("scatter", scatterTraces(), {title: {text: "reward vs tax (budget " + budget + ")"},
+      xaxis: {title: {text: "tax (dashed line: the budget)"}}, yaxis: {title: {text: "reward"}},
+      height: 380, legend: {orientation: "h", y: -0.25},
       shapes: [{type: "line", x0: budget, x1: budget, yref: "paper", y0: 0, y1: 1,
-                line: {dash: "dash", color: "#b3261e"}}]}, {displaylogo: false});
-    const sorted = trials.slice().sort((a, b) => a.number - b.number);
-    let run = null; const xs = [], ys = [];
-    for (const t of sorted) {
-      if (t.feasible && t.reward !== null && (run === null || t.reward > run)) run = t.reward;
-      xs.push(t.number); ys.push(run);
-    }
-    bestSoFar = run;
-    Plotly.react("best-so-far", [{type: "scattergl", mode: "lines", x: xs, y: ys,
+                line: {dash: "dash", color: "#b3261e"}}]}, H.config);
+    const curve = H.bestSoFar(trials);
+    Plotly.react("best-so-far", [{type: "scattergl", mode: "lines", x: curve.x, y: curve.y,
       name: "best feasible reward so far", line: {shape: "hv"}}],
-      {title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}}, height: 300}, {displaylogo: false});
-    drawProfile(best, uni);
+      {title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}}, height: 300}, H.config);
+    drawProfile();
   }
-  function bestOf(ts) {
-    let b = null;
-    for (const t of ts) if (t.feasible && t.reward !== null && (!b || t.reward > b.reward)) b = t;
-    return b;
+  async function trialWithRatios(number) {
+    if (!full.has(number)) full.set(number, await H.api(`/v1/jobs/${jobId}/trials/${number}`));
+    return full.get(number);
   }
-  function drawProfile(trial, uni) {
+  async function drawProfile() {
     const traces = [];
-    if (trial) traces.push({type: "scatter", mode: "lines+markers", name: "trial " + trial.number,
-      x: Object.keys(trial.ratios), y: Object.values(trial.ratios), line: {shape: "hvh"}});
-    const bu = bestOf(uni || []);
-    if (trial && bu) traces.push({type: "scatter", mode: "lines", name: "best uniform α = " + bu.uniform_ratio,
-      x: Object.keys(trial.ratios), y: Object.keys(trial.ratios).map(() => bu.uniform_ratio),
-      line: {dash: "dot"}});
-    Plotly.react("profile", traces, {title: {text: "ratio profile (α = weight on the aligned model)"},
-      yaxis: {title: {text: "α"}, range: [0, 1]}, height: 300}, {displaylogo: false});
+    const target = shown || (best && await trialWithRatios(best.number));
+    if (target) traces.push(...H.profile(target.ratios, layout,
+      (target === shown ? "trial " : "best trial ") + target.number));
+    const bu = H.bestOf(H.uniform(trials));
+    if (bu && traces.length) traces.push({type: "scatter", mode: "lines", name: "best uniform α = " + bu.uniform_ratio,
+      x: traces[0].x, y: traces[0].x.map(() => bu.uniform_ratio), line: {dash: "dot", color: "#0a58ca"}});
+    Plotly.react("profile", traces, H.profileLayout(layout), H.config);
   }
   function addTrial(t) {
     if (seen.has(t.number)) return;
     seen.add(t.number);
+    full.set(t.number, t);
     trials.push(t);
-    const k = cls(t), [x, y, n] = traceOf(t);
-    Plotly.extendTraces("scatter", {x: [[x]], y: [[k === 2 ? 0 : y]], customdata: [[n]]}, [k]);
-    if (t.kind === "uniform" || (t.feasible && t.reward !== null && (bestSoFar === null || t.reward > bestSoFar)))
-      drawAll();  // the baseline curve or the best changed: redraw those
-    else
-      Plotly.extendTraces("best-so-far", {x: [[t.number]], y: [[bestSoFar]]}, [0]);
+    if (t.kind === "uniform" || (t.feasible && t.reward !== null && (best === null || t.reward > best.reward)))
+      return drawAll();  // the baseline curve or the best changed: redraw those
+    const k = H.cls(t);
+    Plotly.extendTraces("scatter", {x: [[t.tax]], y: [[k === 2 ? 0 : t.reward]], customdata: [[t.number]]}, [k]);
+    Plotly.extendTraces("best-so-far", {x: [[t.number]], y: [[best ? best.reward : null]]}, [0]);
   }
 
   // ------------------------------------------------------------------ table
-  const fmt = (v, d) => v === null || v === undefined ? "—" : (+v).toPrecision(d);
   function row(t) {
     const tr = document.createElement("tr");
     tr.dataset.trial = t.number;
     const cells = [t.number, t.kind, Object.entries(t.ratios).map(([k, v]) => k + "=" + v.toFixed(3)).join(" "),
-      t.state === "pruned" ? "pruned" : fmt(t.reward, 4), fmt(t.tax, 4),
-      Object.entries(t.metrics).map(([k, v]) => k + " " + fmt(v, 3)).join(", "),
-      t.stage, fmt(t.merge_seconds, 2), fmt(t.eval_seconds, 3)];
+      t.state === "pruned" ? "pruned" : H.fmt(t.reward, 4), H.fmt(t.tax, 4),
+      Object.entries(t.metrics).map(([k, v]) => k + " " + H.fmt(v, 3)).join(", "),
+      t.stage, H.fmt(t.merge_seconds, 2), H.fmt(t.eval_seconds, 3)];
     for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
-    tr.addEventListener("click", () => drawProfile(t, trials.filter(u => u.kind === "uniform")));
+    tr.addEventListener("click", () => { shown = t; drawProfile(); });
     return tr;
   }
   async function loadPage() {
-    const body = await api(`/v1/jobs/${jobId}/trials?sort=${sort}&order=${order}&limit=${PAGE}&offset=${offset}`);
-    const tbody = document.querySelector("#trials tbody");
-    tbody.replaceChildren(...body.data.map(row));
+    const body = await H.api(`/v1/jobs/${jobId}/trials?sort=${sort}&order=${order}&limit=${PAGE}&offset=${offset}`);
+    body.data.forEach(t => full.set(t.number, t));
+    document.querySelector("#trials tbody").replaceChildren(...body.data.map(row));
     document.getElementById("trial-count").textContent = body.count;
-    document.getElementById("page").textContent = `${offset + 1}–${Math.min(offset + PAGE, body.count)} of ${body.count}`;
+    document.getElementById("page").textContent = body.count ?
+      `${offset + 1}–${Math.min(offset + PAGE, body.count)} of ${body.count}` : "none yet";
+    document.getElementById("prev").disabled = offset === 0;
+    document.getElementById("next").disabled = offset + PAGE >= body.count;
   }
   document.querySelectorAll("#trials th[data-sort]").forEach(th => th.addEventListener("click", () => {
     order = sort === th.dataset.sort && order === "desc" ? "asc" : "desc";
@@ -119,25 +106,25 @@
   document.getElementById("next").onclick = () => { offset += PAGE; loadPage(); };
 
   // ------------------------------------------------------------------ actions
-  const say = m => { const el = document.getElementById("action-result"); if (el) el.textContent = m; };
+  const say = m => { (document.getElementById("action-result") || document.getElementById("page-error")).textContent = m; };
   const cancel = document.getElementById("cancel");
-  if (cancel) cancel.onclick = () => api(`/v1/jobs/${jobId}/cancel`, {method: "POST"})
+  if (cancel) cancel.onclick = () => H.api(`/v1/jobs/${jobId}/cancel`, {method: "POST"})
     .then(j => say("cancel requested: " + j.status)).catch(e => say(e.message));
   const exp = document.getElementById("export");
-  if (exp) exp.onclick = () => api(`/v1/jobs/${jobId}/export`, {method: "POST",
+  if (exp) exp.onclick = () => H.api(`/v1/jobs/${jobId}/export`, {method: "POST",
       body: JSON.stringify({dir: document.getElementById("export-dir").value || null})})
     .then(s => say("export " + s.status + ": " + s.dir)).catch(e => say(e.message));
 
   // ------------------------------------------------------------------ live
   async function start() {
-    for (let off = 0; ; off += 1000) {  // every trial for the figures, a page at a time
-      const body = await api(`/v1/jobs/${jobId}/trials?limit=1000&offset=${off}`);
-      trials.push(...body.data);
-      body.data.forEach(t => seen.add(t.number));
-      if (trials.length >= body.count || body.data.length === 0) break;
-    }
+    const [points] = await Promise.all([H.api(`/v1/jobs/${jobId}/points`), loadPage()]);
+    for (const t of H.rows(points)) { trials.push(t); seen.add(t.number); }
     drawAll();
-    await loadPage();
+    document.getElementById("scatter").on("plotly_click", async ev => {
+      const n = ev.points[0] && ev.points[0].customdata;
+      if (n === undefined || n === null) return;
+      shown = await trialWithRatios(n); drawProfile();
+    });
     const es = new EventSource(`/v1/jobs/${jobId}/events`);
     es.addEventListener("trial", e => {
       const t = JSON.parse(e.data); addTrial(t);
@@ -148,8 +135,10 @@
       if (offset === 0 && sort === "number" && order === "desc") {
         const tbody = document.querySelector("#trials tbody");
         if (!tbody.querySelector(`tr[data-trial="${t.number}"]`)) tbody.prepend(row(t));
+        while (tbody.children.length > PAGE) tbody.lastChild.remove();
       }
     });
+    es.addEventListener("layout", e => { layout = JSON.parse(e.data); drawProfile(); });
     const setStatus = s => { const el = document.getElementById("status"); el.textContent = s; el.className = "status " + s; };
     es.addEventListener("status", e => setStatus(JSON.parse(e.data).status));
     es.addEventListener("job", e => setStatus(JSON.parse(e.data).status));

@@ -1,0 +1,46 @@
+// The compare page: each job's trial points, best-so-far curve and best ratio profile,
+// overlaid in one colour per job (the same colours as the table's swatches).
+"use strict";
+(function () {
+  const H = window.hmaopt;
+  const jobs = JSON.parse(document.getElementById("compare-jobs").textContent);
+  async function draw() {
+    const points = await Promise.all(jobs.map(j => H.api(`/v1/jobs/${j.id}/points`)));
+    const scatter = [], curves = [], profiles = [];
+    jobs.forEach((j, i) => {
+      const ts = H.rows(points[i]);
+      const label = j.name + " · " + j.id.slice(0, 8);
+      const done = ts.filter(t => t.reward !== null);
+      for (const [feasible, symbol, suffix] of [[true, "circle", ""], [false, "x", " (over budget)"]]) {
+        const sel = done.filter(t => t.feasible === feasible);
+        scatter.push({type: "scattergl", mode: "markers", name: label + suffix, legendgroup: j.id,
+          x: sel.map(t => t.tax), y: sel.map(t => t.reward), customdata: sel.map(t => t.number),
+          marker: {color: j.color, symbol, size: 7, opacity: feasible ? 0.8 : 0.5},
+          hovertemplate: "trial %{customdata}<br>tax %{x:.4f}<br>reward %{y:.4g}<extra>" + label + "</extra>"});
+      }
+      const uni = H.uniform(ts);
+      scatter.push({type: "scatter", mode: "lines", name: label + " uniform α", legendgroup: j.id,
+        x: uni.map(t => t.tax), y: uni.map(t => t.reward), line: {dash: "dot", color: j.color},
+        showlegend: false});
+      scatter.push({type: "scatter", mode: "lines", x: [j.budget, j.budget], y: [0, 1], yaxis: "y",
+        xaxis: "x", name: label + " budget", legendgroup: j.id, showlegend: false,
+        line: {dash: "dash", color: j.color, width: 1}, hoverinfo: "name"});
+      const curve = H.bestSoFar(ts);
+      curves.push({type: "scattergl", mode: "lines", name: label, x: curve.x, y: curve.y,
+        line: {shape: "hv", color: j.color}});
+      if (j.best_ratios) profiles.push(...H.profile(j.best_ratios, j.layout, label + " best",
+        {line: {shape: "hvh", color: j.color}}));
+    });
+    // the budget lines span the plotted rewards
+    const ys = scatter.flatMap(t => t.name.endsWith(" budget") ? [] : t.y).filter(v => v !== null);
+    const lo = ys.length ? Math.min(...ys) : 0, hi = ys.length ? Math.max(...ys) : 1;
+    scatter.filter(t => t.name.endsWith(" budget")).forEach(t => { t.y = [lo, hi]; });
+    Plotly.react("scatter", scatter, {title: {text: "reward vs tax (dashed: each job's budget; dotted: its uniform α curve)"},
+      xaxis: {title: {text: "tax"}}, yaxis: {title: {text: "reward"}}, height: 420,
+      legend: {orientation: "h", y: -0.2}}, H.config);
+    Plotly.react("best-so-far", curves, {title: {text: "best feasible reward so far"},
+      xaxis: {title: {text: "trial"}}, height: 320, legend: {orientation: "h", y: -0.3}}, H.config);
+    Plotly.react("profile", profiles, H.profileLayout(jobs.every(j => j.layout) ? jobs[0].layout : null), H.config);
+  }
+  if (jobs.length) draw().catch(e => { document.getElementById("page-error").textContent = e.message; });
+})();
