@@ -227,6 +227,19 @@ def publish(settings: Settings, job_id: str, kind: str, data: dict) -> str | Non
         return None
 
 
+def stream_position(settings: Settings, job_id: str) -> str:
+    """The id of the job's latest event ("0" when none): reading the database after this
+    and then the events after it (``events?since=``) misses nothing. Raises
+    DependencyUnavailableError when Redis cannot be reached."""
+    import redis
+
+    try:
+        last = redis_client(redis_url(settings)).xrevrange(Keys.events(job_id), count=1)
+    except redis.RedisError as exc:
+        raise DependencyUnavailableError(f"Redis: {exc}") from None
+    return last[0][0].decode() if last else "0"
+
+
 def set_cancel_flag(settings: Settings, job_id: str) -> None:
     import redis
 

@@ -116,6 +116,8 @@ class TrialPoints(BaseModel):
     """Every finished trial of a job in columns, for figures: one entry per trial, by number.
     Reward and tax are rounded to 6 significant digits (the trials endpoint has them exact)."""
     count: int
+    cursor: str | None = Field(description="the job's event-stream id read before the "
+                               "trials: GET events?since=cursor continues from here")
     number: list[int]
     kind: list[str]
     state: list[str]

@@ -85,7 +85,11 @@ def test_compressed_assets_and_points_but_never_the_event_stream(stack, tiny_spe
                              ratios={"block0": 0.5, "block1": 0.5}, reward=n / 7, tax=n / 1000,
                              feasible=True, stage=2, metrics={}, task_tax={},
                              uniform_ratio=None, merge_seconds=0.0, eval_seconds=0.0)
+    from service import queue
+
     c = _signin(stack, "viewer")
+    last = queue.publish(stack.settings, job["id"], "status", {"status": "queued"})
+    assert c.get(f"/v1/jobs/{job['id']}/points").json()["cursor"] == last
     js = c.get("/ui/vendor/plotly.min.js", headers={"Accept-Encoding": "gzip"})
     assert js.headers["content-encoding"] == "gzip"
     wire = int(js.headers["content-length"])

@@ -18,7 +18,7 @@ from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetai
                                  trial_public)
 from service.db import jobs as job_db
 from service.db import session_scope
-from service.errors import ConflictError, NotFoundError
+from service.errors import ConflictError, DependencyUnavailableError, NotFoundError
 from service.paths import check_output, resolve_job_paths, resolve_path
 from service.spec import JobSpec
 from service.status import TERMINAL, JobStatus
@@ -114,12 +114,20 @@ def list_trials(job_id: str, _: Viewer, session: SessionDep,
 
 
 @router.get("/{job_id}/points", response_model=TrialPoints, responses=ERRORS)
-def trial_points(job_id: str, _: Viewer, session: SessionDep):
+def trial_points(job_id: str, _: Viewer, session: SessionDep, settings: SettingsDep):
     """Every finished trial in columns (no ratios, no metrics): what a reward-tax figure of
-    a large study needs in one small response. Reward and tax to 6 significant digits."""
+    a large study needs in one small response. Reward and tax to 6 significant digits.
+    ``cursor``: the job's event-stream position read before the trials, so that
+    ``events?since=cursor`` then brings every later trial and no earlier one twice over
+    (null when Redis cannot be reached: follow the events from their start)."""
+    job_db.get_job(session, job_id)
+    try:
+        cursor = queue.stream_position(settings, job_id)
+    except DependencyUnavailableError:
+        cursor = None
     rows = job_db.trial_points(session, job_id)
     cols = list(zip(*rows)) if rows else [()] * 7
-    return TrialPoints(count=len(rows), number=cols[0], kind=cols[1], state=cols[2],
+    return TrialPoints(count=len(rows), cursor=cursor, number=cols[0], kind=cols[1], state=cols[2],
                        feasible=cols[3], reward=[_round(v) for v in cols[4]],
                        tax=[_round(v) for v in cols[5]], uniform_ratio=cols[6])
 

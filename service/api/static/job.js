@@ -125,9 +125,15 @@
       if (n === undefined || n === null) return;
       shown = await trialWithRatios(n); drawProfile();
     });
-    const es = new EventSource(`/v1/jobs/${jobId}/events`);
+    // the events after the points just read (all of them when Redis did not answer)
+    const es = new EventSource(`/v1/jobs/${jobId}/events` + (points.cursor ? `?since=${points.cursor}` : ""));
+    let layoutAsked = false;
     es.addEventListener("trial", e => {
       const t = JSON.parse(e.data); addTrial(t);
+      if (!layout && !layoutAsked) {  // written before any trial: its event came before our cursor
+        layoutAsked = true;
+        H.api(`/v1/jobs/${jobId}`).then(j => { if (j.layout) { layout = j.layout; drawProfile(); } });
+      }
       document.getElementById("progress").textContent = `${t.trials_finished}/${t.n_trials}`;
       if (t.best_reward !== null) document.getElementById("best").textContent = (+t.best_reward).toPrecision(4);
       if (t.best_tax !== null) document.getElementById("best-tax").textContent = (+t.best_tax).toFixed(4);
