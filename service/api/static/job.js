@@ -117,9 +117,12 @@
 
   // ------------------------------------------------------------------ live
   async function start() {
+    performance.mark("hmaopt:scripts");  // the marks time the first view (bench/bench_ui.py)
     const [points] = await Promise.all([H.api(`/v1/jobs/${jobId}/points`), loadPage()]);
+    performance.mark("hmaopt:data");
     for (const t of H.rows(points)) { trials.push(t); seen.add(t.number); }
     drawAll();
+    performance.mark("hmaopt:figures");
     document.getElementById("scatter").on("plotly_click", async ev => {
       const n = ev.points[0] && ev.points[0].customdata;
       if (n === undefined || n === null) return;
