@@ -4,8 +4,14 @@
 (function () {
   const H = window.hmaopt;
   const jobs = JSON.parse(document.getElementById("compare-jobs").textContent);
+  // asked for at once: this script runs before plotly.js has loaded (the page includes it
+  // first); the figures wait for the document
+  const pointsP = Promise.all(jobs.map(j => H.api(`/v1/jobs/${j.id}/points`)));
+  const parsed = new Promise(r => document.readyState === "loading" ?
+    document.addEventListener("DOMContentLoaded", r) : r());
   async function draw() {
-    const points = await Promise.all(jobs.map(j => H.api(`/v1/jobs/${j.id}/points`)));
+    const points = await pointsP;
+    await parsed;
     const scatter = [], curves = [], profiles = [];
     jobs.forEach((j, i) => {
       const ts = H.rows(points[i]);
