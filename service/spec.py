@@ -204,10 +204,20 @@ class SearchSpec(BaseModel):
         None, min_length=1,
         description="ratios of the vanilla-averaging baseline (default 0, 0.1, ..., 1)")
 
+    warm_start: list[dict[str, float]] | None = Field(
+        None, max_length=100,
+        description="ratio vectors by slot (e.g. {\"block0\": 0.4, \"block1\": 0.7}) run right "
+                    "after the uniform baseline, before the sampler's own trials: the best of an "
+                    "earlier search (nightly pipelines set it); kind 'warm'")
+
     @model_validator(mode="after")
     def _grid(self) -> SearchSpec:
         if self.uniform_grid is not None and not all(0 <= a <= 1 for a in self.uniform_grid):
             raise ValueError(f"uniform_grid ratios must lie in [0, 1], got {self.uniform_grid}")
+        for ratios in self.warm_start or []:
+            if not ratios or not all(0 <= a <= 1 for a in ratios.values()):
+                raise ValueError(f"warm_start ratios must be a non-empty mapping of slot to a "
+                                 f"ratio in [0, 1], got {ratios}")
         return self
 
 

@@ -198,6 +198,7 @@ class Search:
                                     "a resumed study must keep them; start a new study (--study)")
         self.study.set_user_attr("hmaopt", job)
         self._enqueue_baseline()
+        self._enqueue_warm_start()
 
     # ------------------------------------------------------------------ setup
 
@@ -219,6 +220,31 @@ class Search:
             if alpha not in done:
                 self.study.enqueue_trial(self.space.uniform_params(alpha),
                                          user_attrs={"kind": "uniform", "uniform_ratio": alpha})
+
+    def _enqueue_warm_start(self) -> None:
+        """Enqueue the spec's warm-start ratio vectors not yet done or waiting (kind 'warm'),
+        after the uniform baseline."""
+        from optuna.trial import TrialState
+
+        warm = self.spec.search.warm_start or []
+        for ratios in warm:
+            if set(ratios) != set(self.slots):
+                raise SpecError(f"search.warm_start names slots {sorted(ratios)}, but this "
+                                f"job's grouping has {self.slots}", field="search.warm_start")
+        states = (TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
+        if self.live_running:
+            states += (TrialState.RUNNING,)
+        done = [t.user_attrs.get("warm_start")
+                for t in self.study.get_trials(deepcopy=False, states=states)
+                if t.user_attrs.get("kind") == "warm"]
+        for ratios in warm:
+            vector = [float(ratios[s]) for s in self.slots]
+            if vector in done:
+                done.remove(vector)
+                continue
+            params = dict(zip(self.space.param_names(),
+                              [min(max(v, self.space.low), self.space.high) for v in vector]))
+            self.study.enqueue_trial(params, user_attrs={"kind": "warm", "warm_start": vector})
 
     def finished(self) -> int:
         from optuna.trial import TrialState

@@ -91,7 +91,8 @@ class JobList(BaseModel):
 
 class TrialPublic(BaseModel):
     number: int
-    kind: str = Field(description="uniform (the vanilla-averaging baseline) or search")
+    kind: str = Field(description="uniform (the vanilla-averaging baseline), warm (a "
+                      "search.warm_start vector) or search")
     state: str = Field(description="complete or pruned (stopped after stage 1)")
     ratios: dict[str, float] = Field(description=RATIOS)
     reward: float | None

@@ -145,3 +145,25 @@ def test_spec_errors(tiny):
 
 def test_study_names_come_from_one_builder():
     assert study_name("job-1") == "hmaopt:job-1"
+
+
+def test_warm_start_vectors_run_right_after_the_baseline(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    warm = [{"block0": 0.25, "block1": 0.75}, {"block0": 0.9, "block1": 0.1}]
+    spec = {**tiny, "search": {**tiny["search"], "n_trials": 6, "warm_start": warm}}
+    run_search(JobSpec.model_validate(spec), storage=url, cache_dir=tmp_path)
+    trials = optuna.load_study(study_name="hmaopt:tiny", storage=url).get_trials()
+    assert [t.user_attrs["kind"] for t in trials] == ["uniform"] * 3 + ["warm"] * 2 + ["search"]
+    assert [t.user_attrs["ratios"] for t in trials[3:5]] == warm
+    # resuming does not run them again
+    s = _search(spec, storage=url, name="hmaopt:tiny", resume=True)
+    assert not s.study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_warm_start_with_other_slots_is_a_clear_error(tiny):
+    spec = {**tiny, "search": {**tiny["search"], "warm_start": [{"layer0": 0.5}]}}
+    with pytest.raises(SpecError, match="warm_start names slots") as err:
+        _search(spec)
+    assert err.value.field == "search.warm_start"
+    with pytest.raises(ValueError, match="warm_start ratios must"):
+        JobSpec.model_validate({**tiny, "search": {**tiny["search"], "warm_start": [{"b": 2}]}})

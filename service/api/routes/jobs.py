@@ -103,7 +103,7 @@ def cancel_job(job_id: str, _: Operator, session: SessionDep, settings: Settings
 def list_trials(job_id: str, _: Viewer, session: SessionDep,
                 sort: Literal["number", "reward", "tax", "eval_seconds", "merge_seconds"] = "number",
                 order: Literal["asc", "desc"] = "asc",
-                kind: Literal["uniform", "search"] | None = None,
+                kind: Literal["uniform", "warm", "search"] | None = None,
                 feasible: bool | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                 offset: Annotated[int, Query(ge=0)] = 0):
