@@ -41,11 +41,11 @@
     const ys = scatter.flatMap(t => t.name.endsWith(" budget") ? [] : t.y).filter(v => v !== null);
     const lo = ys.length ? Math.min(...ys) : 0, hi = ys.length ? Math.max(...ys) : 1;
     scatter.filter(t => t.name.endsWith(" budget")).forEach(t => { t.y = [lo, hi]; });
-    Plotly.react("scatter", scatter, {title: {text: "reward vs tax (dashed: each job's budget; dotted: its uniform α curve)"},
-      xaxis: {title: {text: "tax"}}, yaxis: {title: {text: "reward"}}, height: 420,
-      legend: {orientation: "h", y: -0.2}}, H.config);
-    Plotly.react("best-so-far", curves, {title: {text: "best feasible reward so far"},
-      xaxis: {title: {text: "trial"}}, height: 320, legend: {orientation: "h", y: -0.3}}, H.config);
+    Plotly.react("scatter", scatter, Object.assign(H.below(460 + 22 * jobs.length, jobs.length), {
+      title: {text: "reward vs tax (dashed: each job's budget; dotted: its uniform α curve)"},
+      xaxis: {title: {text: "tax"}}, yaxis: {title: {text: "reward"}}}), H.config);
+    Plotly.react("best-so-far", curves, Object.assign(H.below(360, jobs.length), {
+      title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}}}), H.config);
     Plotly.react("profile", profiles, H.profileLayout(jobs.every(j => j.layout) ? jobs[0].layout : null), H.config);
   }
   if (jobs.length) draw().catch(e => { document.getElementById("page-error").textContent = e.message; });

@@ -50,13 +50,15 @@ window.hmaopt = (function () {
       name: name + label + nl, x: layers, y: layers.map(l => ratios[groupOf[l] + suffix]),
       line: {shape: "hvh", dash: k ? "dashdot" : "solid"}}, extra));
   }
-  const profileLayout = layout => ({
+  // Legends in a band at the bottom of the figure, under the x-axis title (never over it).
+  const below = (height, rows = 2) => ({height, margin: {t: 50, b: 70 + 22 * rows},
+    legend: {orientation: "h", yref: "container", yanchor: "bottom", y: 0.01, x: 0}});
+  const profileLayout = layout => Object.assign(below(360), {
     title: {text: "ratio profile (α = weight on the aligned model)"},
     xaxis: {title: {text: layout ? "decoder layer" : "ratio slot"}, dtick: 1},
-    yaxis: {title: {text: "α"}, range: [-0.02, 1.02]}, height: 300,
-    legend: {orientation: "h", y: -0.3}});
+    yaxis: {title: {text: "α"}, range: [-0.02, 1.02]}});
 
   const fmt = (v, d) => v === null || v === undefined ? "—" : (+v).toPrecision(d);
-  return {api, rows, cls, bestOf, bestSoFar, uniform, profile, profileLayout, fmt,
+  return {api, rows, cls, bestOf, bestSoFar, uniform, profile, profileLayout, below, fmt,
           config: {displaylogo: false, responsive: true}};
 })();

@@ -39,18 +39,18 @@
   }
   function drawAll() {
     best = H.bestOf(trials);
-    Plotly.react("scatter", scatterTraces(), {title: {text: "reward vs tax (budget " + budget + ")"},
+    Plotly.react("scatter", scatterTraces(), Object.assign(H.below(440), {
+      title: {text: "reward vs tax (budget " + budget + ")"},
       xaxis: {title: {text: "tax (dashed line: the budget)"}}, yaxis: {title: {text: "reward"}},
-      height: 380, legend: {orientation: "h", y: -0.25},
       shapes: [{type: "line", x0: budget, x1: budget, yref: "paper", y0: 0, y1: 1,
-                line: {dash: "dash", color: "#b3261e"}}]}, H.config);
+                line: {dash: "dash", color: "#b3261e"}}]}), H.config);
     setTimeout(drawSecondary, 0);  // the scatter shows first
   }
   function drawSecondary() {
     const curve = H.bestSoFar(trials);
     Plotly.react("best-so-far", [{type: "scatter", mode: "lines", x: curve.x, y: curve.y,
       name: "best feasible reward so far", line: {shape: "hv"}}],
-      {title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}}, height: 300}, H.config);
+      {title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}}, height: 360}, H.config);
     drawProfile();
     performance.mark("hmaopt:figures");
   }
