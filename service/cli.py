@@ -11,10 +11,13 @@ import logging
 import re
 import signal
 import sys
+import threading
+from pathlib import Path
 from collections.abc import Sequence
 
 from service._version import __version__
-from service.errors import ConflictError, HmaoptError, NotFoundError, SpecError
+from service.errors import (ConflictError, DependencyUnavailableError, HmaoptError,
+                            NotFoundError, SpecError)
 from service.settings import get_settings
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -160,6 +163,9 @@ def _add_service_commands(sub) -> None:
                        help="local worker processes (default 1 when REDIS_URL is unset, else 0)")
     serve.add_argument("--device", default="auto",
                        help="device of the local workers: auto, cpu, cuda (one per GPU), cuda:N")
+    serve.add_argument("--scheduler", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the pipeline scheduler in this process (default: on when "
+                       "REDIS_URL is unset, the embedded default)")
     serve.set_defaults(handler=_cmd_serve)
 
     worker = sub.add_parser(
@@ -188,6 +194,46 @@ def _add_service_commands(sub) -> None:
                         help="resubmitting with the same key returns the first job")
     submit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     submit.set_defaults(handler=_cmd_submit)
+
+    sched = sub.add_parser(
+        "scheduler", help="run the nightly-pipeline scheduler",
+        description="Start due pipeline runs, follow them, promote, send webhooks: a pass "
+        "every HMAOPT_SCHEDULER_SECONDS. Several schedulers may share one PostgreSQL: each run "
+        "is claimed once. The embedded `hmaopt serve` runs one itself.")
+    sched.set_defaults(handler=_cmd_scheduler)
+
+    pipe = sub.add_parser("pipeline", help="nightly merge pipelines on an hmaopt server",
+                          description="Manage pipelines over the REST API (--server, --token "
+                          "as for submit).")
+    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True)
+
+    def _client_args(p):
+        p.add_argument("--server", default=None,
+                       help="server URL (default HMAOPT_SERVER_URL, http://127.0.0.1:8000)")
+        p.add_argument("--token", default=None, help="API token (default HMAOPT_TOKEN)")
+        return p
+
+    pc = _client_args(pipe_sub.add_parser("create", help="create a pipeline from a spec file"))
+    pc.add_argument("spec", help="pipeline spec file (YAML or JSON); paths are the server's")
+    pc.set_defaults(handler=_cmd_pipeline_create)
+    pl = _client_args(pipe_sub.add_parser("list", help="pipelines, their schedule and champion"))
+    pl.set_defaults(handler=_cmd_pipeline_list)
+    pt = _client_args(pipe_sub.add_parser(
+        "trigger", help="start a run now",
+        description="Start a run now. Exit code with --wait: 0 when the run's search found a "
+        "feasible merge (promoted or not: the output says), 2 when none was feasible or the run "
+        "was skipped, 1 on any error or a failed run."))
+    pt.add_argument("name")
+    pt.add_argument("--wait", action="store_true", help="follow the run to its end")
+    pt.add_argument("--timeout", type=float, default=24 * 3600, help="give up after (s)")
+    pt.set_defaults(handler=_cmd_pipeline_trigger)
+    pr = _client_args(pipe_sub.add_parser("runs", help="a pipeline's runs, newest first"))
+    pr.add_argument("name")
+    pr.set_defaults(handler=_cmd_pipeline_runs)
+    pb = _client_args(pipe_sub.add_parser("rollback",
+                                          help="switch `current` back to the previous champion"))
+    pb.add_argument("name")
+    pb.set_defaults(handler=_cmd_pipeline_rollback)
 
     demo = sub.add_parser(
         "demo", help="the demo: reference world + embedded stack + one job over REST",
@@ -450,6 +496,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (1 if settings.redis_url is None
                                                              else 0)
     stack = EmbeddedStack(settings, workers=workers, device=args.device)
+    settings_embedded = settings.redis_url is None
+    stop_scheduler = threading.Event()
     try:
         settings = stack.start()
         print(f"hmaopt {__version__}: API on http://{args.host}:{args.port} (docs /docs), "
@@ -458,11 +506,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises the SIGTERM it caught once it has shut down: make that an
         # exception, so that the local workers and Valkey are stopped below
         signal.signal(signal.SIGTERM, _exit_on_signal)
+        if args.scheduler or (args.scheduler is None and settings_embedded):
+            from service.pipelines.scheduler import start_thread
+
+            start_thread(settings, stop_scheduler)
         uvicorn.run(create_app(settings), host=args.host, port=args.port,
                     log_level=settings.log_level.lower())
     except SystemExit:
         pass
     finally:
+        stop_scheduler.set()
         stack.stop()
     return 0
 
@@ -562,6 +615,106 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     except HmaoptError as exc:  # submit: every error is 1, so CI can tell 2 = none feasible
         print(f"hmaopt: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _cmd_scheduler(_args: argparse.Namespace) -> int:
+    from service.db.migrate import check_schema
+    from service.db.session import safe_url
+    from service.pipelines.scheduler import Scheduler
+
+    settings = get_settings()
+    check_schema(settings.database())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"scheduler: database {safe_url(settings.database())}, a pass every "
+          f"{settings.scheduler_seconds:g} s", file=sys.stderr)
+    try:
+        Scheduler(settings).run_forever(stop)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _pipeline_client(args: argparse.Namespace):
+    from service.client import Client
+
+    settings = get_settings()
+    return Client(args.server or settings.server_url, args.token or settings.token)
+
+
+def _cmd_pipeline_create(args: argparse.Namespace) -> int:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(args.spec).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read the pipeline spec {args.spec}: {exc}") from None
+    p = _pipeline_client(args).request("POST", "/v1/pipelines", json=raw)
+    print(f"pipeline {p['name']} ({p['id']}): next run {p['next_due_at']}", file=sys.stderr)
+    print(p["name"])
+    return 0
+
+
+def _cmd_pipeline_list(args: argparse.Namespace) -> int:
+    rows = _pipeline_client(args).request("GET", "/v1/pipelines")["data"]
+    for p in rows:
+        sched = p["spec"]["schedule"]
+        print(f"{p['name']:<24} {'paused' if p['paused'] else 'active':<7} "
+              f"{sched['cron']} {sched['timezone']:<16} next {p['next_due_at']}  "
+              f"champion {p['champion_run_id'] or '-'}")
+    if not rows:
+        print("no pipelines", file=sys.stderr)
+    return 0
+
+
+def _run_line(r: dict) -> str:
+    fig = (f"reward {r['reward']:.4g} tax {r['tax']:.4g}" if r["reward"] is not None else "")
+    return (f"{r['id']} {r['scheduled_for']} {r['trigger']:<8} {r['status']:<9} "
+            f"{r['decision'] or '':<8} {fig} {r['reason'] or ''}").rstrip()
+
+
+def _cmd_pipeline_trigger(args: argparse.Namespace) -> int:
+    import time
+
+    try:
+        client = _pipeline_client(args)
+        run = client.request("POST", f"/v1/pipelines/{args.name}/trigger")
+        print(f"run {run['id']} of pipeline {args.name} started", file=sys.stderr)
+        if not args.wait:
+            print(run["id"])
+            return 0
+        deadline = time.monotonic() + args.timeout
+        while run["status"] not in ("succeeded", "skipped", "failed"):
+            if time.monotonic() > deadline:
+                raise DependencyUnavailableError(
+                    f"run {run['id']} still {run['status']} after {args.timeout:.0f} s (is a "
+                    "scheduler running? `hmaopt scheduler`, or the embedded `hmaopt serve`)")
+            time.sleep(2)
+            run = client.request("GET", f"/v1/pipelines/{args.name}/runs/{run['id']}")
+        print(_run_line(run))
+        if run["status"] == "failed":
+            return 1
+        if run["status"] == "skipped" or run["reward"] is None:
+            return 2
+        print("promoted: " + (run["promoted_dir"] if run["decision"] == "promoted" else
+                              f"no ({run['reason']})"))
+        return 0
+    except HmaoptError as exc:
+        print(f"hmaopt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_pipeline_runs(args: argparse.Namespace) -> int:
+    for r in _pipeline_client(args).request("GET", f"/v1/pipelines/{args.name}/runs")["data"]:
+        print(_run_line(r))
+    return 0
+
+
+def _cmd_pipeline_rollback(args: argparse.Namespace) -> int:
+    out = _pipeline_client(args).request("POST", f"/v1/pipelines/{args.name}/rollback")
+    print(f"pipeline {out['pipeline']}: current -> {out['dir']} (run {out['champion_run']}, "
+          f"replacing run {out['replaced_run']})")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -23,13 +23,15 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = True) -> str:
+def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = True,
+                 kind: str | None = None) -> str:
     """``raw`` resolved (symlinks followed) inside one of ``roots``, else PathNotAllowedError.
 
-    An output (``must_exist=False``) must lie strictly below a root, never be one.
+    An output (``must_exist=False``) must lie strictly below a root, never be one. ``kind``
+    (model or data, for messages) defaults from the job-spec field name.
     """
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    kind = "model" if field in MODEL_FIELDS or field == "export.dir" else "data"
+    kind = kind or ("model" if field in MODEL_FIELDS or field == "export.dir" else "data")
     setting = f"HMAOPT_{kind.upper()}_ROOTS"
     if not real_roots:
         raise PathNotAllowedError(f"{field}: no {kind} roots are configured; set {setting}")

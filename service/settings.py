@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     job_timeout_seconds: int = Field(DEFAULT_JOB_TIMEOUT_SECONDS, gt=0,
                                      description="RQ timeout of one job run, in seconds.")
 
+    # ---------------------------------------------------------------- pipelines
+    scheduler_seconds: float = Field(15.0, gt=0, description="Seconds between two passes "
+                                     "of the pipeline scheduler.")
+    scheduler_grace_seconds: float = Field(
+        300.0, gt=0, description="A scheduled time older than this when a scheduler first "
+        "sees it was missed (no scheduler ran): the pipeline's `missed` policy applies.")
+    webhook_backoff_seconds: list[float] = Field(
+        [5, 30, 120, 600, 3600], description="Waits before each retry of a failed webhook "
+        "delivery (JSON list); one attempt more than retries in all.")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Seconds a webhook "
+                                           "receiver has to answer.")
+
     # ---------------------------------------------------------------- clients
     server_url: str = Field("http://127.0.0.1:8000",
                             description="hmaopt server that `hmaopt submit` talks to.")

@@ -19,7 +19,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from service._version import __version__
 from service.api import errors
 from service.api.metrics import Metrics
-from service.api.routes import health, jobs, ui, workers
+from service.api.routes import health, jobs, pipelines, ui, workers
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
                   lifespan=lifespan,
                   openapi_tags=[{"name": "jobs", "description": "merge-search jobs"},
                                 {"name": "workers", "description": "worker liveness"},
+                                {"name": "pipelines", "description": "nightly merge pipelines"},
                                 {"name": "health", "description": "probes and metrics"}])
     app.state.settings = settings
     app.state.metrics = Metrics(settings)
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(workers.router)
+    app.include_router(pipelines.router)
     app.include_router(ui.router)
     from pathlib import Path
 

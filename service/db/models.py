@@ -153,3 +153,90 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None]
+
+
+class Pipeline(Base):
+    """A nightly merge pipeline: a job-spec template, a cron schedule, checkpoint sources,
+    a promote folder and webhooks (``spec``: service.pipelines.spec.PipelineSpec, webhook
+    secrets included: stored to sign, never returned)."""
+
+    __tablename__ = "hmaopt_pipelines"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    spec: Mapped[dict]
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the next cron time not yet handled (UTC); None until the first scheduler pass
+    next_due_at: Mapped[datetime | None] = mapped_column(index=True)
+    champion_run_id: Mapped[str | None] = mapped_column(String(32))
+    token_id: Mapped[str | None] = mapped_column(String(32))
+    created_by: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PipelineRun(Base):
+    """One run of a pipeline: claimed once per (pipeline, scheduled time) by the unique
+    constraint, whichever scheduler inserts it first; a normal job does the search."""
+
+    __tablename__ = "hmaopt_pipeline_runs"
+    __table_args__ = (UniqueConstraint("pipeline_id", "scheduled_for",
+                                       name="uq_hmaopt_pipeline_runs_due"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pipeline_id: Mapped[str] = mapped_column(String(32), index=True)
+    scheduled_for: Mapped[datetime]
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | catch_up | manual
+    # pending | starting | running | deciding | promoting | succeeded | skipped | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    checkpoint: Mapped[str | None] = mapped_column(Text)
+    base_checkpoint: Mapped[str | None] = mapped_column(Text)
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    warm_start: Mapped[dict | None]
+    decision: Mapped[str | None] = mapped_column(String(16))  # promoted | kept
+    reason: Mapped[str | None] = mapped_column(Text)
+    reward: Mapped[float | None] = mapped_column(Float)
+    tax: Mapped[float | None] = mapped_column(Float)
+    holdout_reward: Mapped[float | None] = mapped_column(Float)
+    holdout_tax: Mapped[float | None] = mapped_column(Float)
+    gain: Mapped[float | None] = mapped_column(Float)
+    champion_reward: Mapped[float | None] = mapped_column(Float)
+    promoted_dir: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class Promotion(Base):
+    """The promote folder's history: each switch of its ``current`` alias."""
+
+    __tablename__ = "hmaopt_promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pipeline_id: Mapped[str] = mapped_column(String(32), index=True)
+    run_id: Mapped[str] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(16))  # promote | rollback
+    dir: Mapped[str] = mapped_column(Text)
+    previous_run_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One webhook message to one URL, with its attempts (retried with backoff)."""
+
+    __tablename__ = "hmaopt_webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pipeline_id: Mapped[str] = mapped_column(String(32), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+    event: Mapped[str] = mapped_column(String(32))
+    msg_id: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict]
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

@@ -1,0 +1,98 @@
+"""Pipeline webhooks, signed per Standard Webhooks (https://www.standardwebhooks.com).
+
+Each event becomes one delivery row per subscribed URL (the log), sent by the scheduler:
+a POST of ``{"type", "timestamp", "data"}`` with the headers ``webhook-id``,
+``webhook-timestamp`` and ``webhook-signature`` (``standardwebhooks.Webhook.sign`` with the
+hook's secret). A 2xx answer delivers it; anything else (or no answer within
+``HMAOPT_WEBHOOK_TIMEOUT_SECONDS``) is retried after each wait of
+``HMAOPT_WEBHOOK_BACKOFF_SECONDS`` in turn, then marked failed. Retries keep the message id,
+so a receiver can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from service.db import session_scope
+from service.db.models import Pipeline, WebhookDelivery, utcnow
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def emit(session, pipeline: Pipeline, event: str, data: dict, run_id: str | None = None,
+         now: datetime | None = None) -> int:
+    """Queue ``event`` for every hook of the pipeline that subscribes to it."""
+    now = now or utcnow()
+    count = 0
+    for hook in pipeline.spec.get("webhooks", []):
+        if event not in hook.get("events", []):
+            continue
+        payload = {"type": event, "timestamp": now.isoformat(),
+                   "data": {"pipeline": pipeline.name, "pipeline_id": pipeline.id, **data}}
+        session.add(WebhookDelivery(pipeline_id=pipeline.id, run_id=run_id, event=event,
+                                    msg_id=f"msg_{uuid.uuid4().hex}", url=hook["url"],
+                                    payload=payload, status="pending", attempts=0,
+                                    next_attempt_at=now, created_at=now))
+        count += 1
+    return count
+
+
+def sign(secret: str, msg_id: str, when: datetime, body: str) -> dict[str, str]:
+    from standardwebhooks.webhooks import Webhook
+
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())),
+            "webhook-signature": Webhook(secret).sign(msg_id, when, body),
+            "content-type": "application/json"}
+
+
+def deliver_due(settings: Settings, now: datetime | None = None) -> int:
+    """Send every pending delivery that is due; returns how many were delivered."""
+    import httpx
+
+    now = now or utcnow()
+    url = settings.database()
+    with session_scope(url) as s:
+        due = [d.id for d in s.scalars(select(WebhookDelivery).where(
+            WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+            .order_by(WebhookDelivery.id).limit(100))]
+    delivered = 0
+    for delivery_id in due:
+        with session_scope(url) as s:
+            d = s.get(WebhookDelivery, delivery_id, with_for_update=True)
+            if d is None or d.status != "pending" or d.next_attempt_at > now:
+                continue  # another scheduler sent it meanwhile
+            pipeline = s.get(Pipeline, d.pipeline_id)
+            hook = next((h for h in (pipeline.spec.get("webhooks", []) if pipeline else [])
+                         if h["url"] == d.url), None)
+            d.attempts += 1
+            if hook is None:
+                d.status, d.last_error = "failed", "the webhook was removed from the pipeline"
+                continue
+            body = json.dumps(d.payload, separators=(",", ":"))
+            sent_at = utcnow()
+            try:
+                r = httpx.post(d.url, content=body, timeout=settings.webhook_timeout_seconds,
+                               headers=sign(hook["secret"], d.msg_id, sent_at, body))
+                d.last_status_code, d.last_error = r.status_code, None
+                ok = 200 <= r.status_code < 300
+                if not ok:
+                    d.last_error = f"HTTP {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as exc:
+                ok, d.last_error = False, f"{type(exc).__name__}: {exc}"
+            if ok:
+                d.status, d.delivered_at = "delivered", utcnow()
+                delivered += 1
+            elif d.attempts > len(settings.webhook_backoff_seconds):
+                d.status = "failed"
+                log.warning("webhook %s %s to %s failed after %d attempts: %s", d.event,
+                            d.msg_id, d.url, d.attempts, d.last_error)
+            else:
+                wait = settings.webhook_backoff_seconds[d.attempts - 1]
+                d.next_attempt_at = utcnow() + timedelta(seconds=wait)
+    return delivered

@@ -1,0 +1,391 @@
+"""Nightly pipelines: checkpoint sources, claims by two schedulers, decisions, promotion and
+rollback, signed webhooks with retries, the REST errors; one run end to end with a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+NIGHTLY = {"cron": "0 2 * * *", "timezone": "Europe/Paris"}
+
+
+def _old(folder: Path, seconds: float = 3600) -> None:
+    """Age every file of a checkpoint (it settled long ago)."""
+    t = time.time() - seconds
+    for p in folder.iterdir():
+        os.utime(p, (t, t))
+
+
+def _checkpoint(src: Path, dst: Path, *, age: float = 3600) -> Path:
+    shutil.copytree(src, dst)
+    _old(dst, age)
+    return dst
+
+
+def _pipeline(tiny_spec: dict, roots, name: str = "nightly", **extra) -> dict:
+    models, _ = roots
+    (models / "rlhf").mkdir(exist_ok=True)
+    return {"name": name, "job": {**tiny_spec, "export": None},
+            "schedule": NIGHTLY, "aligned": {"dir": str(models / "rlhf"), "settle_seconds": 60},
+            "promote": {"dir": str(models / "promoted" / name), "margin": 0.0}, **extra}
+
+
+# ------------------------------------------------------------------ sources
+
+def test_newest_complete_checkpoint_never_takes_a_half_written_one(tmp_path, tiny_spec, roots):
+    from service.pipelines.sources import newest_complete
+    from service.pipelines.spec import Source
+    from service.settings import Settings
+
+    models, _ = roots
+    aligned = Path(tiny_spec["aligned_model"])
+    folder = models / "rlhf"
+    first = _checkpoint(aligned, folder / "ckpt-1", age=7200)
+    settings = Settings(model_roots=[models], data_roots=[tmp_path])
+    source = Source(dir=str(folder), settle_seconds=60)
+    found, _ = newest_complete(source, settings, "aligned")
+    assert found.path == str(first)
+    # a newer one being written: truncated weights, then fresh files, then no marker
+    second = _checkpoint(aligned, folder / "ckpt-2", age=60 * 10)
+    weights = second / "model.safetensors"
+    full = weights.read_bytes()
+    weights.write_bytes(full[: len(full) // 2])
+    _old(second, 600)
+    found, passed = newest_complete(source, settings, "aligned")
+    assert found.path == str(first) and "truncated" in passed[0]
+    weights.write_bytes(full)  # complete now, but just written
+    found, passed = newest_complete(source, settings, "aligned")
+    assert found.path == str(first) and "settles after 60 s" in passed[0]
+    _old(second, 600)
+    found, _ = newest_complete(source, settings, "aligned")
+    assert found.path == str(second)
+    marked = Source(dir=str(folder), marker="COMPLETE", settle_seconds=0)
+    assert newest_complete(marked, settings, "aligned")[0] is None
+    (first / "COMPLETE").touch()
+    assert newest_complete(marked, settings, "aligned")[0].path == str(first)
+    (second / "config.json").unlink()
+    found, passed = newest_complete(source, settings, "aligned")
+    assert found is None  # ckpt-1 just got its marker: it settles first
+    assert "ckpt-2: no config.json" in passed
+
+
+# ------------------------------------------------------------------ REST and errors
+
+def test_rest_errors_are_clear(stack, tiny_spec, roots):
+    spec = _pipeline(tiny_spec, roots)
+    with stack.client() as api:
+        bad_cron = api.post("/v1/pipelines", json={**spec, "schedule": {"cron": "0 25 * * *"}})
+        assert bad_cron.status_code == 422 and bad_cron.json()["field"] == "schedule.cron"
+        assert "not a valid five-field cron" in bad_cron.json()["message"]
+        bad_tz = api.post("/v1/pipelines", json={**spec, "schedule": {**NIGHTLY,
+                                                                        "timezone": "Mars/X"}})
+        assert bad_tz.status_code == 422 and "unknown time zone" in bad_tz.json()["message"]
+        outside = api.post("/v1/pipelines", json={**spec, "aligned": {"dir": "/etc"}})
+        assert outside.status_code == 403
+        assert outside.json()["message"].startswith("aligned.dir: /etc resolves outside the allowed model roots")
+        promote_out = api.post("/v1/pipelines", json={**spec, "promote": {"dir": "/tmp/x"}})
+        assert promote_out.status_code == 403
+        assert promote_out.json()["message"].startswith("promote.dir: /tmp/x resolves outside")
+        assert api.get("/v1/pipelines/nope").status_code == 404
+        assert api.post("/v1/pipelines/nope/trigger").status_code == 404
+        hooked = {**spec, "webhooks": [{"url": "http://127.0.0.1:9/hook"}]}
+        created = api.post("/v1/pipelines", json=hooked)
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert body["spec"]["webhooks"][0] == {"url": "http://127.0.0.1:9/hook", "has_secret": True,
+                                              "events": body["spec"]["webhooks"][0]["events"]}
+        assert "whsec_" not in created.text and '"secret"' not in created.text
+        assert api.post("/v1/pipelines", json=hooked).status_code == 409
+        # 02:00 in Paris is 01:00 UTC in winter
+        due = datetime.fromisoformat(body["next_due_at"])
+        assert (due.hour, due.minute) == (1, 0) and due > datetime.now(UTC)
+    with stack.client("viewer") as viewer:
+        assert viewer.get("/v1/pipelines").json()["count"] == 1
+        assert viewer.post("/v1/pipelines/nightly/trigger").status_code == 403
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+
+    with session_scope(stack.settings.database()) as s:  # the secret is stored
+        assert pipe_db.get_pipeline(s, "nightly").spec["webhooks"][0]["secret"].startswith("whsec_")
+    with stack.client() as api:  # an update without the secret keeps it
+        kept = api.put("/v1/pipelines/nightly", json={**hooked, "promote": {
+            "dir": spec["promote"]["dir"], "margin": 0.5}})
+        assert kept.status_code == 200 and kept.json()["spec"]["promote"]["margin"] == 0.5
+    with session_scope(stack.settings.database()) as s:
+        assert pipe_db.get_pipeline(s, "nightly").spec["webhooks"][0]["secret"].startswith("whsec_")
+
+
+# ------------------------------------------------------------------ scheduling
+
+def test_two_schedulers_start_a_due_run_exactly_once(pg_stack, tiny_spec, roots):
+    import time_machine
+
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+    from service.pipelines.scheduler import Scheduler
+
+    stack = pg_stack
+    with stack.client() as api:
+        created = api.post("/v1/pipelines", json=_pipeline(tiny_spec, roots))
+        assert created.status_code == 201, created.text
+    due = datetime.fromisoformat(created.json()["next_due_at"])
+    schedulers = [Scheduler(stack.settings), Scheduler(stack.settings)]
+    with time_machine.travel(due + timedelta(seconds=20), tick=False):
+        now = datetime.now(UTC)
+        assert schedulers[0].claim_due(now - timedelta(seconds=40)) == []  # not yet due
+        barrier = threading.Barrier(2)
+        claimed: list[list[str]] = []
+
+        def go(s):
+            barrier.wait()
+            claimed.append(s.claim_due(now))
+
+        threads = [threading.Thread(target=go, args=(s,)) for s in schedulers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(len(c) for c in claimed) == [0, 1]
+        assert schedulers[0].claim_due(now) == [] and schedulers[1].claim_due(now) == []
+    with session_scope(stack.settings.database()) as s:
+        p = pipe_db.get_pipeline(s, "nightly")
+        runs = pipe_db.list_runs(s, p.id)
+        assert [(r.scheduled_for, r.trigger, r.status) for r in runs] == [
+            (due, "schedule", "pending")]
+        assert p.next_due_at == due + timedelta(days=1)
+    # no complete checkpoint yet: the run is skipped, with the reason
+    schedulers[1].start(runs[0].id, now)
+    with session_scope(stack.settings.database()) as s:
+        run = pipe_db.get_run(s, runs[0].id)
+        assert run.status == "skipped" and "no complete checkpoint" in run.reason
+    # three days without a scheduler: run_once runs the latest missed time once
+    with time_machine.travel(due + timedelta(days=3, hours=5), tick=False):
+        now = datetime.now(UTC)
+        [run_id] = schedulers[0].claim_due(now)
+    with session_scope(stack.settings.database()) as s:
+        run = pipe_db.get_run(s, run_id)
+        assert (run.scheduled_for, run.trigger, run.status) == (
+            due + timedelta(days=3), "catch_up", "pending")
+        p = pipe_db.get_pipeline(s, "nightly")
+        p.spec = {**p.spec, "schedule": {**NIGHTLY, "missed": "skip"}}
+    with time_machine.travel(due + timedelta(days=6, hours=5), tick=False):
+        [run_id] = schedulers[1].claim_due(datetime.now(UTC))
+    with session_scope(stack.settings.database()) as s:
+        run = pipe_db.get_run(s, run_id)
+        assert run.status == "skipped" and run.reason.startswith("missed")
+
+
+# ------------------------------------------------------------------ decisions
+
+def _finished_run(settings, pipeline_id: str, *, reward, tax, holdout_tax=None, spec=None,
+                  status="succeeded", at=None):
+    """A run whose job has ended (the job row and result a worker writes)."""
+    from service.db import jobs as job_db
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+    from service.status import JobStatus
+
+    with session_scope(settings.database()) as s:
+        job, _ = job_db.create_job(s, spec, n_trials=6)
+        job_db.set_status(s, job.id, JobStatus.RUNNING)
+        best = None if reward is None else {
+            "trial": 3, "ratios": {"block0": 0.3, "block1": 0.8}, "reward": reward, "tax": tax,
+            "holdout": {"reward": reward, "tax": holdout_tax if holdout_tax is not None else tax}}
+        job.result = {"best": best, "best_uniform": {"ratio": 0.5, "reward": 0.0}, "gain": 0.1}
+        job.best_ratios = best and best["ratios"]
+        job_db.set_status(s, job.id, JobStatus(status))
+        run = pipe_db.claim_run(s, pipeline_id, at or datetime.now(UTC), "manual", "running")
+        run.job_id = job.id
+        return run.id, job.id
+
+
+def _export_done(settings, job_id: str) -> None:
+    """What the worker's export leaves: the folder and the job's export state."""
+    from service.db import session_scope
+    from service.db.models import Job
+
+    with session_scope(settings.database()) as s:
+        job = s.get(Job, job_id)
+        Path(job.export_dir).mkdir(parents=True)
+        (Path(job.export_dir) / "hma_manifest.json").write_text("{}")
+        job.export_status = "succeeded"
+
+
+def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, roots):
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+    from service.pipelines.scheduler import Scheduler
+
+    spec = _pipeline(tiny_spec, roots, promote={"dir": str(roots[0] / "promoted" / "p"),
+                                                "margin": 0.1})
+    with stack.client() as api:
+        pid = api.post("/v1/pipelines", json=spec).json()["id"]
+    settings, sched = stack.settings, Scheduler(stack.settings)
+    job_spec = {**tiny_spec, "export": None}
+    t0 = datetime.now(UTC)
+
+    def run(reward, tax, minutes, **kw):
+        run_id, job_id = _finished_run(settings, pid, reward=reward, tax=tax, spec=job_spec,
+                                       at=t0 + timedelta(minutes=minutes), **kw)
+        sched.tick()
+        with session_scope(settings.database()) as s:
+            if pipe_db.get_run(s, run_id).status == "promoting":
+                _export_done(settings, job_id)
+        sched.tick()
+        with session_scope(settings.database()) as s:
+            r = pipe_db.get_run(s, run_id)
+            return r.id, r.status, r.decision, r.reason
+
+    alias = roots[0] / "promoted" / "p" / "current"
+    first = run(1.0, 0.1, 1)
+    assert first[1:] == ("succeeded", "promoted", "no champion yet")
+    assert alias.resolve() == (roots[0] / "promoted" / "p" / first[0]).resolve()
+    worse = run(1.05, 0.1, 2)  # better, but not by the margin
+    assert worse[2] == "kept" and "does not beat the champion's 1" in worse[3]
+    infeasible = run(None, None, 3)
+    assert infeasible[2] == "kept" and "no feasible merge" in infeasible[3]
+    holdout_over = run(5.0, 0.1, 4, holdout_tax=0.9)
+    assert holdout_over[2] == "kept" and "holdout tax 0.9 is over the budget" in holdout_over[3]
+    failed = run(5.0, 0.1, 5, status="failed")
+    assert failed[1] == "failed" and failed[2] is None
+    second = run(1.5, 0.1, 6)
+    assert second[1:3] == ("succeeded", "promoted")
+    assert alias.resolve().name == second[0]
+    with stack.client() as api:
+        promos = api.get("/v1/pipelines/nightly/promotions").json()["data"]
+        assert [(p["run_id"], p["action"], p["previous_run_id"]) for p in promos] == [
+            (second[0], "promote", first[0]), (first[0], "promote", None)]
+        back = api.post("/v1/pipelines/nightly/rollback")
+        assert back.status_code == 200 and back.json()["champion_run"] == first[0]
+        assert alias.resolve().name == first[0]
+        again = api.post("/v1/pipelines/nightly/rollback")
+        assert again.status_code == 409 and "first champion" in again.json()["message"]
+        runs = api.get("/v1/pipelines/nightly/runs").json()["data"]
+        assert [r["decision"] for r in runs] == ["promoted", None, "kept", "kept", "kept",
+                                                 "promoted"]
+
+
+# ------------------------------------------------------------------ webhooks
+
+class _Receiver:
+    """A local HTTP receiver that fails the first ``fail`` deliveries of each message."""
+
+    def __init__(self, fail: int = 0):
+        self.got: list[tuple[dict, bytes]] = []
+        self.fail, self.seen = fail, {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                n = outer.seen[headers["webhook-id"]] = outer.seen.get(headers["webhook-id"], 0) + 1
+                outer.got.append((headers, body))
+                self.send_response(500 if n <= outer.fail else 204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+
+def test_webhooks_are_signed_and_retried(stack, tiny_spec, roots):
+    from standardwebhooks.webhooks import Webhook
+
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+    from service.pipelines import webhooks
+    from service.pipelines.scheduler import Scheduler
+
+    ok, flaky = _Receiver(), _Receiver(fail=2)
+    spec = _pipeline(tiny_spec, roots, webhooks=[
+        {"url": ok.url}, {"url": flaky.url, "events": ["run.skipped"]}])
+    with stack.client() as api:
+        api.post("/v1/pipelines", json=spec).raise_for_status()
+        api.post("/v1/pipelines/nightly/trigger").raise_for_status()
+    settings = stack.settings.model_copy(update={"webhook_backoff_seconds": [0.2, 0.2]})
+    sched = Scheduler(settings)
+    sched.tick()  # no checkpoint in rlhf/: skipped -> run.skipped to both hooks
+    with session_scope(settings.database()) as s:
+        secrets = {h["url"]: h["secret"] for h in pipe_db.get_pipeline(s, "nightly").spec["webhooks"]}
+    assert len(ok.got) == 1 and len(flaky.got) == 1
+    headers, body = ok.got[0]
+    payload = Webhook(secrets[ok.url]).verify(body, headers)  # raises on a bad signature
+    assert payload["type"] == "run.skipped" and payload["data"]["pipeline"] == "nightly"
+    assert "no complete checkpoint" in payload["data"]["reason"]
+    for _ in range(2):  # the two retries, after their backoff
+        time.sleep(0.3)
+        webhooks.deliver_due(settings)
+    assert len(flaky.got) == 3 and len({h["webhook-id"] for h, _ in flaky.got}) == 1
+    Webhook(secrets[flaky.url]).verify(flaky.got[2][1], flaky.got[2][0])
+    with stack.client() as api:
+        log = api.get("/v1/pipelines/nightly/deliveries").json()["data"]
+    by_url = {d["url"]: d for d in log}
+    assert by_url[flaky.url]["status"] == "delivered" and by_url[flaky.url]["attempts"] == 3
+    assert by_url[ok.url]["attempts"] == 1 and "secret" not in json.dumps(log)
+
+
+# ------------------------------------------------------------------ end to end
+
+def test_nightly_run_end_to_end_with_a_worker(pg_stack, tiny_spec, roots):
+    """A checkpoint appears, the run searches it with a real worker and is promoted; the
+    next checkpoint's run is warm started with the first run's best."""
+    import time_machine
+
+    from service.db import jobs as job_db
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+    from service.pipelines.scheduler import Scheduler
+
+    stack = pg_stack
+    models, _ = roots
+    with stack.client() as api:
+        created = api.post("/v1/pipelines", json=_pipeline(tiny_spec, roots)).json()
+    due = datetime.fromisoformat(created["next_due_at"])
+    first = _checkpoint(Path(tiny_spec["aligned_model"]), models / "rlhf" / "ckpt-1")
+    stack.start_worker()
+    sched = Scheduler(stack.settings)
+
+    def night(at: datetime) -> dict:
+        with time_machine.travel(at, tick=True):
+            [run_id] = sched.claim_due(datetime.now(UTC))
+        deadline = time.monotonic() + 240
+        while True:
+            sched.tick()
+            with session_scope(stack.settings.database()) as s:
+                run = pipe_db.get_run(s, run_id)
+                if run.status in ("succeeded", "skipped", "failed"):
+                    return {c.name: getattr(run, c.name) for c in run.__table__.columns}
+            assert time.monotonic() < deadline, stack.worker_log()[-3000:]
+            time.sleep(0.5)
+
+    one = night(due + timedelta(seconds=5))
+    assert one["status"] == "succeeded", (one, stack.worker_log()[-3000:])
+    assert one["checkpoint"] == str(first) and one["warm_start"] is None
+    assert one["decision"] == "promoted", one["reason"]
+    current = models / "promoted" / "nightly" / "current"
+    assert (current / "hma_manifest.json").is_file() and (current / "config.json").is_file()
+    # the same checkpoint next night: skipped
+    two = night(due + timedelta(days=1, seconds=5))
+    assert two["status"] == "skipped" and "already processed" in two["reason"]
+    # a new checkpoint: warm started with the first run's best ratios
+    _checkpoint(first, models / "rlhf" / "ckpt-2", age=1800)
+    three = night(due + timedelta(days=2, seconds=5))
+    assert three["status"] == "succeeded" and three["warm_start"]["from_run"] == one["id"]
+    with session_scope(stack.settings.database()) as s:
+        job1 = job_db.get_job(s, one["job_id"])
+        job3 = job_db.get_job(s, three["job_id"])
+        assert job3.spec["search"]["warm_start"][0] == job1.result["best"]["ratios"]
+        warm = [t for t in job_db.list_trials(s, job3.id, limit=100)[0] if t.kind == "warm"]
+        assert [t.ratios for t in warm] == [job1.result["best"]["ratios"]]
