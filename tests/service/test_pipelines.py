@@ -346,7 +346,7 @@ def test_nightly_run_end_to_end_with_a_worker(pg_stack, tiny_spec, roots):
     from service.db import jobs as job_db
     from service.db import pipelines as pipe_db
     from service.db import session_scope
-    from service.pipelines.scheduler import Scheduler
+    from service.pipelines.scheduler import Scheduler, start_thread
 
     stack = pg_stack
     models, _ = roots
@@ -379,13 +379,69 @@ def test_nightly_run_end_to_end_with_a_worker(pg_stack, tiny_spec, roots):
     # the same checkpoint next night: skipped
     two = night(due + timedelta(days=1, seconds=5))
     assert two["status"] == "skipped" and "already processed" in two["reason"]
-    # a new checkpoint: warm started with the first run's best ratios
+    # a new checkpoint, run by hand from the CLI while a scheduler runs: warm started with
+    # the first run's best ratios; exit 0 (a feasible merge), and whether it was promoted
     _checkpoint(first, models / "rlhf" / "ckpt-2", age=1800)
-    three = night(due + timedelta(days=2, seconds=5))
+    stop = threading.Event()
+    start_thread(stack.settings.model_copy(update={"scheduler_seconds": 0.3}), stop)
+    try:
+        out = _cli(stack, "pipeline", "trigger", "nightly", "--wait", timeout=240)
+    finally:
+        stop.set()
+    assert out.returncode == 0, (out.stdout, out.stderr, stack.worker_log()[-2000:])
+    assert "promoted: " in out.stdout
+    with session_scope(stack.settings.database()) as s:
+        p = pipe_db.get_pipeline(s, "nightly")
+        [three] = [r for r in pipe_db.list_runs(s, p.id) if r.trigger == "manual"]
+        three = {c.name: getattr(three, c.name) for c in three.__table__.columns}
     assert three["status"] == "succeeded" and three["warm_start"]["from_run"] == one["id"]
+    assert three["checkpoint"].endswith("ckpt-2")
     with session_scope(stack.settings.database()) as s:
         job1 = job_db.get_job(s, one["job_id"])
         job3 = job_db.get_job(s, three["job_id"])
         assert job3.spec["search"]["warm_start"][0] == job1.result["best"]["ratios"]
         warm = [t for t in job_db.list_trials(s, job3.id, limit=100)[0] if t.kind == "warm"]
         assert [t.ratios for t in warm] == [job1.result["best"]["ratios"]]
+
+
+def _cli(stack, *argv: str, timeout: float = 60):
+    import subprocess
+    import sys
+
+    from tests.service.conftest import settings_env
+
+    return subprocess.run([sys.executable, "-m", "service.cli", *argv, "--server", stack.url,
+                           "--token", stack.tokens["operator"]], env=settings_env(stack.settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_pipeline_cli(stack, tiny_spec, roots, tmp_path):
+    import yaml
+
+    from service.pipelines.scheduler import start_thread
+
+    spec_file = tmp_path / "pipeline.yaml"
+    spec_file.write_text(yaml.safe_dump(_pipeline(tiny_spec, roots)))
+    made = _cli(stack, "pipeline", "create", str(spec_file))
+    assert made.returncode == 0 and made.stdout.strip() == "nightly", made.stderr
+    listed = _cli(stack, "pipeline", "list")
+    assert listed.returncode == 0 and "nightly" in listed.stdout and "0 2 * * *" in listed.stdout
+    stop = threading.Event()
+    start_thread(stack.settings.model_copy(update={"scheduler_seconds": 0.3}), stop)
+    try:  # no checkpoint yet: the run is skipped, exit 2
+        waited = _cli(stack, "pipeline", "trigger", "nightly", "--wait")
+    finally:
+        stop.set()
+    assert waited.returncode == 2, (waited.stdout, waited.stderr)
+    assert "skipped" in waited.stdout and "no complete checkpoint" in waited.stdout
+    runs = _cli(stack, "pipeline", "runs", "nightly")
+    assert runs.returncode == 0 and "manual" in runs.stdout and "skipped" in runs.stdout
+    back = _cli(stack, "pipeline", "rollback", "nightly")
+    assert back.returncode != 0 and "has no champion to roll back" in back.stderr
+    missing = _cli(stack, "pipeline", "trigger", "nope", "--wait")
+    assert missing.returncode == 1 and "no pipeline 'nope'" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**_pipeline(tiny_spec, roots, name="x"),
+                                   "schedule": {"cron": "every night"}}))
+    refused = _cli(stack, "pipeline", "create", str(bad))
+    assert refused.returncode != 0 and "schedule.cron" in refused.stderr
