@@ -320,7 +320,7 @@ def makefile_torch_pin() -> str:
 # ------------------------------------------------------------------------------ compose
 
 def test_compose_has_the_services(services):
-    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services)
+    assert {"postgres", "redis", "migrate", "api", "scheduler", "worker"} <= set(services)
 
 
 def test_every_interpolated_variable_has_a_default():
@@ -431,6 +431,17 @@ def test_api_and_workers_wait_for_migrate_and_redis(services):
             f"{name} does not wait for migrate to complete successfully")
         assert deps.get("redis", {}).get("condition") == "service_healthy", (
             f"{name} does not wait for redis to be healthy")
+
+
+def test_scheduler_runs_hmaopt_scheduler_with_writable_model_roots(services, monkeypatch):
+    sched = services["scheduler"]
+    assert parse_hmaopt(command(sched)).command == "scheduler"
+    s = settings_for(service_env(sched), monkeypatch)
+    m = mounts(sched)
+    for root in s.model_roots:  # it switches the promote folders' aliases
+        assert str(root) in m and not m[str(root)][1], f"model root {root} not writable"
+    deps = sched.get("depends_on")
+    assert deps["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_api_command_and_port(services):
