@@ -35,6 +35,7 @@ def upgrade() -> None:
     sa.Column('holdout_tax', sa.Float(), nullable=True),
     sa.Column('gain', sa.Float(), nullable=True),
     sa.Column('champion_reward', sa.Float(), nullable=True),
+    sa.Column('champion_job_id', sa.String(length=32), nullable=True),
     sa.Column('promoted_dir', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),

@@ -187,7 +187,8 @@ class PipelineRun(Base):
     pipeline_id: Mapped[str] = mapped_column(String(32), index=True)
     scheduled_for: Mapped[datetime]
     trigger: Mapped[str] = mapped_column(String(16))  # schedule | catch_up | manual
-    # pending | starting | running | deciding | promoting | succeeded | skipped | failed
+    # pending | starting | running | remeasuring | deciding | promoting | switching |
+    # succeeded | skipped | failed
     status: Mapped[str] = mapped_column(String(16), index=True)
     checkpoint: Mapped[str | None] = mapped_column(Text)
     base_checkpoint: Mapped[str | None] = mapped_column(Text)
@@ -202,6 +203,8 @@ class PipelineRun(Base):
     holdout_tax: Mapped[float | None] = mapped_column(Float)
     gain: Mapped[float | None] = mapped_column(Float)
     champion_reward: Mapped[float | None] = mapped_column(Float)
+    #: the job that re-measured the champion's merge on this run's data (when it changed)
+    champion_job_id: Mapped[str | None] = mapped_column(String(32))
     promoted_dir: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]

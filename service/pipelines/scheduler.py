@@ -15,7 +15,9 @@ Every ``HMAOPT_SCHEDULER_SECONDS`` a pass (:meth:`Scheduler.tick`):
      started with the previous run's best ratios and best uniform α) -> running;
    - running -> the job ended -> deciding: promoted only if the best merge is feasible (tax
      within budget, holdout tax too) and its reward beats the champion's by more than the
-     margin on the same evaluation data; else kept, with the reason;
+     margin on the same evaluation data (when the job's reward or tax section changed since
+     the champion's, a small job re-measures the champion's merge first: remeasuring); else
+     kept, with the reason;
    - promoting -> the export of the best merge into ``<promote.dir>/<run id>`` finished ->
      the ``current`` alias switched to it atomically -> succeeded, the run is the champion.
 3. Webhook deliveries that are due are sent (service.pipelines.webhooks).
@@ -35,7 +37,7 @@ from service import queue
 from service.db import jobs as job_db
 from service.db import pipelines as pipe_db
 from service.db import session_scope
-from service.db.models import Job, Pipeline, PipelineRun, Promotion, utcnow
+from service.db.models import Job, Pipeline, PipelineRun, Promotion, Trial, utcnow
 from service.errors import ConflictError, HmaoptError
 from service.paths import check_output, resolve_job_paths, resolve_path
 from service.pipelines import webhooks
@@ -62,12 +64,12 @@ class Scheduler:
     def tick(self, now: datetime | None = None) -> None:
         now = now or utcnow()
         self.claim_due(now)
-        for run_id, status in self._runs(("pending", "running", "promoting")):
+        for run_id, status in self._runs(("pending", "running", "remeasuring", "promoting")):
             try:
                 if status == "pending":
                     self.start(run_id, now)
-                elif status == "running":
-                    self.follow(run_id, now)
+                elif status in ("running", "remeasuring"):
+                    self.follow(run_id, now, status)
                 else:
                     self.finish_promotion(run_id, now)
             except Exception as exc:  # one run's trouble never stops the others
@@ -203,13 +205,14 @@ class Scheduler:
         uniform = (job.result.get("best_uniform") or {}).get("ratio")
         return {"from_run": prev.id, "ratios": best["ratios"], "uniform": uniform}
 
-    def follow(self, run_id: str, now: datetime) -> None:
+    def follow(self, run_id: str, now: datetime, status: str = "running") -> None:
+        """A running run whose job ended, or a run whose champion re-measure ended: decide."""
         with session_scope(self.url) as s:
             run = pipe_db.get_run(s, run_id)
-            job = s.get(Job, run.job_id)
+            job = s.get(Job, run.job_id if status == "running" else run.champion_job_id)
             if job is None or JobStatus(job.status) not in TERMINAL:
                 return
-            if not pipe_db.move_run(s, run_id, "running", "deciding"):
+            if not pipe_db.move_run(s, run_id, status, "deciding"):
                 return
         try:
             self.decide(run_id, now)
@@ -244,16 +247,31 @@ class Scheduler:
             elif champion is not None:
                 champ_job = s.get(Job, champion.job_id)
                 same = all(champ_job.spec.get(k) == job.spec.get(k) for k in SAME_DATA_KEYS)
-                if not same:
-                    reason = ("the evaluation data or tasks changed since the champion (run "
-                              f"{champion.id}): its reward is not comparable; re-measuring "
-                              "the champion is not supported yet, promote by hand")
-                else:
+                if same:
                     run.champion_reward = champion.reward
-                    if not run.reward > champion.reward + spec.promote.margin:
-                        reason = (f"reward {run.reward:.6g} does not beat the champion's "
-                                  f"{champion.reward:.6g} (run {champion.id}) by more than "
-                                  f"the margin {spec.promote.margin}")
+                elif run.champion_job_id is None:  # measure the champion on this run's data
+                    run.champion_job_id = self._remeasure(s, p, run, champion, job)
+                    run.status = "remeasuring"
+                    return
+                else:
+                    remeasured = s.get(Job, run.champion_job_id)
+                    point = s.scalar(select(Trial).where(
+                        Trial.job_id == remeasured.id, Trial.kind == "uniform",
+                        Trial.uniform_ratio == 1.0))
+                    if remeasured.status != JobStatus.SUCCEEDED or point is None:
+                        reason = (f"re-measuring the champion (run {champion.id}) on this "
+                                  f"run's data failed: job {remeasured.id} {remeasured.status}"
+                                  + (f": {remeasured.error}" if remeasured.error else ""))
+                    elif point.feasible:
+                        run.champion_reward = point.reward
+                    else:  # the champion is over the budget on this data: any feasible wins
+                        run.champion_reward = None
+                if (reason is None and run.champion_reward is not None
+                        and not run.reward > run.champion_reward + spec.promote.margin):
+                    reason = (f"reward {run.reward:.6g} does not beat the champion's "
+                              f"{run.champion_reward:.6g} (run {champion.id}"
+                              f"{'' if same else ', re-measured on this data'}) by more than "
+                              f"the margin {spec.promote.margin}")
             if reason is not None:
                 run.status, run.decision, run.reason, run.finished_at = (
                     "succeeded", "kept", reason, now)
@@ -265,10 +283,34 @@ class Scheduler:
             job.export_status, job.export_dir, job.export_error = "queued", out, None
             run.status, run.promoted_dir = "promoting", out
             run.reason = ("no champion yet" if champion is None else
-                          f"reward {run.reward:.6g} beats the champion's {champion.reward:.6g} "
-                          f"(run {champion.id}) by more than {spec.promote.margin}")
+                          f"the champion (run {champion.id}) is over the tax budget on this "
+                          "run's data" if run.champion_reward is None else
+                          f"reward {run.reward:.6g} beats the champion's "
+                          f"{run.champion_reward:.6g} (run {champion.id}) by more than "
+                          f"{spec.promote.margin}")
             job_id = job.id
         queue.enqueue_export(self.settings, job_id, out)
+
+    def _remeasure(self, s, p: Pipeline, run: PipelineRun, champion: PipelineRun,
+                   job: Job) -> str:
+        """Queue a small job that measures the champion's merge on this run's data: the
+        champion's checkpoint as the aligned model at α = 1 (its uniform point; a job needs
+        one sampled trial more). Its best uniform reward is the champion's reward here."""
+        spec = dict(job.spec)
+        spec.update(name=f"{p.name}-champion-{champion.id[:8]}-on-{run.id[:8]}",
+                    aligned_model=champion.promoted_dir, export=None,
+                    search={**spec["search"], "uniform_grid": [1.0], "n_trials": 2,
+                            "warm_start": None, "workers": 1})
+        checked = JobSpec.model_validate(spec)
+        checked.check()
+        resolved = resolve_job_paths(checked, self.settings)
+        row, _ = job_db.create_job(s, resolved.model_dump(mode="json"), n_trials=2,
+                                   submitted_by=f"pipeline:{p.name}")
+        s.commit()
+        queue.enqueue_runs(self.settings, row.id, 1)
+        log.info("pipeline run %s: the champion %s is re-measured on its data by job %s",
+                 run.id, champion.id, row.id)
+        return row.id
 
     def finish_promotion(self, run_id: str, now: datetime) -> None:
         with session_scope(self.url) as s:

@@ -271,6 +271,32 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
         runs = api.get("/v1/pipelines/nightly/runs").json()["data"]
         assert [r["decision"] for r in runs] == ["promoted", None, "kept", "kept", "kept",
                                                  "promoted"]
+    # the tax data changed (another budget): the champion is re-measured on the new data
+    from service.db import jobs as job_db
+    from service.status import JobStatus
+
+    changed = {**job_spec, "tax": {**job_spec["tax"], "budget": 0.6}}
+    run_id, job_id = _finished_run(settings, pid, reward=1.2, tax=0.1, spec=changed,
+                                   at=t0 + timedelta(minutes=7))
+    sched.tick()
+    with session_scope(settings.database()) as s:
+        run = pipe_db.get_run(s, run_id)
+        assert run.status == "remeasuring"
+        champ = job_db.get_job(s, run.champion_job_id)
+        assert champ.spec["aligned_model"] == str(roots[0] / "promoted" / "p" / first[0])
+        assert champ.spec["search"]["uniform_grid"] == [1.0] and champ.spec["tax"]["budget"] == 0.6
+        # what a worker leaves: the α = 1 point (the champion's merge itself) on the new data
+        job_db.set_status(s, champ.id, JobStatus.RUNNING)
+        job_db.add_trial(s, champ.id, number=0, kind="uniform", state="complete",
+                         ratios={"block0": 1.0, "block1": 1.0}, reward=1.15, tax=0.2,
+                         feasible=True, stage=2, metrics={}, task_tax={}, uniform_ratio=1.0,
+                         merge_seconds=0.0, eval_seconds=0.0)
+        job_db.set_status(s, champ.id, JobStatus.SUCCEEDED)
+    sched.tick()  # 1.2 does not beat 1.15 by more than 0.1
+    with session_scope(settings.database()) as s:
+        run = pipe_db.get_run(s, run_id)
+        assert (run.decision, run.champion_reward) == ("kept", 1.15)
+        assert "re-measured on this data" in run.reason
 
 
 # ------------------------------------------------------------------ webhooks

@@ -43,7 +43,8 @@ class RunOut(BaseModel):
     pipeline_id: str
     scheduled_for: datetime
     trigger: str = Field(description="schedule, catch_up (a missed time run late) or manual")
-    status: str = Field(description="pending, starting, running, deciding, promoting, "
+    status: str = Field(description="pending, starting, running, remeasuring (the "
+                        "champion, on changed data), deciding, promoting, switching, "
                         "succeeded, skipped or failed")
     checkpoint: str | None
     base_checkpoint: str | None
@@ -58,6 +59,8 @@ class RunOut(BaseModel):
     holdout_tax: float | None
     gain: float | None = Field(description="over the best feasible uniform α")
     champion_reward: float | None
+    champion_job_id: str | None = Field(description="the job that re-measured the champion "
+                                        "on this run's data (when it changed)")
     promoted_dir: str | None
     created_at: datetime
     finished_at: datetime | None
