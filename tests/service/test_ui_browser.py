@@ -186,3 +186,46 @@ def test_compare_two_jobs_by_url(browser, stack, tiny_spec):
     other.goto(f"{stack.url}/ui/compare?jobs=nosuchjob")
     assert other.locator(".error").first.inner_text() == "No job nosuchjob."
     other.close()
+
+
+def test_pipelines_page_shows_runs_and_decisions(browser, stack, tiny_spec):
+    from datetime import UTC, datetime, timedelta
+
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+
+    models = stack.settings.model_roots[0]
+    (models / "rlhf").mkdir()
+    spec = {"name": "nightly", "job": {**tiny_spec, "export": None},
+            "schedule": {"cron": "0 2 * * *"}, "aligned": {"dir": str(models / "rlhf")},
+            "promote": {"dir": str(models / "promoted")}}
+    with stack.client() as api:
+        pid = api.post("/v1/pipelines", json=spec).json()["id"]
+    t0 = datetime(2026, 11, 1, 2, tzinfo=UTC)
+    with session_scope(stack.settings.database()) as s:  # three nights, as the scheduler leaves them
+        for day, (status, decision, reward) in enumerate([("succeeded", "promoted", 1.0),
+                                                          ("skipped", None, None),
+                                                          ("succeeded", "kept", 0.9)]):
+            run = pipe_db.claim_run(s, pid, t0 + timedelta(days=day), "schedule", status)
+            run.decision, run.reward, run.tax, run.gain = decision, reward, reward and 0.1, 0.2
+            run.reason = "no complete checkpoint in rlhf yet" if status == "skipped" else None
+        s.commit()
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{stack.url}/ui/signin?next=/ui/pipelines")
+    page.fill("#token", stack.tokens["viewer"])
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{stack.url}/ui/pipelines")
+    assert page.locator("tr[data-pipeline='nightly'] td").nth(1).inner_text() == "active"
+    page.click("tr[data-pipeline='nightly'] a")
+    page.wait_for_url(f"{stack.url}/ui/pipelines/nightly")
+    assert [d.inner_text() for d in page.locator("#runs td.decision").all()] == [
+        "kept", "", "promoted"]  # newest first
+    page.wait_for_function("() => document.getElementById('runs-chart').data")
+    traces = page.evaluate("() => Object.fromEntries(document.getElementById('runs-chart').data"
+                           ".map(t => [t.name, t.y]))")
+    assert traces["reward, promoted"] == [1.0] and traces["reward, kept"] == [0.9]
+    assert traces["skipped / failed"] == [0]
+    assert all(u.startswith(stack.url) for u in requests), requests
+    page.close()

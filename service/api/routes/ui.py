@@ -169,6 +169,44 @@ def compare_page(request: Request, session: SessionDep,
                    figures=figures, colors=COLORS, without=without)
 
 
+@router.get("/ui/pipelines", response_class=HTMLResponse)
+def pipelines_page(request: Request, session: SessionDep) -> Response:
+    """Every pipeline: schedule, next run, champion, its latest run."""
+    from service.db import pipelines as pipe_db
+
+    caller = _signed_in(request, session)
+    if caller is None:
+        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
+                                status_code=303)
+    rows = []
+    for p in pipe_db.list_pipelines(session):
+        latest = pipe_db.list_runs(session, p.id, limit=1)
+        rows.append({"p": p, "latest": latest[0] if latest else None})
+    return _render(request, "pipelines.html", caller, pipelines=rows)
+
+
+@router.get("/ui/pipelines/{ref}", response_class=HTMLResponse)
+def pipeline_page(ref: str, request: Request, session: SessionDep) -> Response:
+    """One pipeline's runs over time: reward, tax, gain over uniform, promotion decision."""
+    from service.db import pipelines as pipe_db
+    from service.pipelines.spec import PipelineSpec
+
+    caller = _signed_in(request, session)
+    if caller is None:
+        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
+                                status_code=303)
+    p = pipe_db.get_pipeline(session, ref)
+    runs = pipe_db.list_runs(session, p.id, limit=500)
+    series = [{"id": r.id, "at": r.scheduled_for.isoformat(), "status": r.status,
+               "decision": r.decision, "reward": r.reward, "tax": r.tax, "gain": r.gain,
+               "holdout_tax": r.holdout_tax, "champion_reward": r.champion_reward,
+               "reason": r.reason} for r in reversed(runs)]
+    spec = PipelineSpec.model_validate(p.spec)
+    return _render(request, "pipeline.html", caller, p=p, runs=runs, series=series,
+                   budget=spec.job.tax.budget, public=spec.public(),
+                   promotions=pipe_db.list_promotions(session, p.id)[:20])
+
+
 @router.get("/ui/vendor/plotly.min.js")
 def plotly_js(request: Request) -> Response:
     """plotly.js from the plotly Python package (no CDN), gzip-compressed once per process:
