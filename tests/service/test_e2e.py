@@ -307,7 +307,7 @@ def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("HMAOPT_") and k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(HMAOPT_HOME=str(tmp_path / "home"), HMAOPT_MODEL_ROOTS=str(models),
-               HMAOPT_DATA_ROOTS=str(data), HF_HUB_OFFLINE="1")
+               HMAOPT_DATA_ROOTS=str(data), HF_HUB_OFFLINE="1", HMAOPT_SCHEDULER_SECONDS="0.5")
     port = _free_port()
     serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -342,6 +342,19 @@ def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
              "--server", f"http://127.0.0.1:{port}", "--token", "hmaopt_wrong"],
             env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "unknown or revoked API token" in bad.stderr
+        # the embedded serve runs the pipeline scheduler: a triggered run is taken up
+        (models / "rlhf").mkdir()
+        created = httpx.post(f"http://127.0.0.1:{port}/v1/pipelines", json={
+            "name": "nightly", "job": tiny_spec, "schedule": {"cron": "0 2 * * *"},
+            "aligned": {"dir": str(models / "rlhf")}, "promote": {"dir": str(models / "p")}},
+            headers={"Authorization": f"Bearer {secret}"})
+        assert created.status_code == 201, created.text
+        trigger = subprocess.run(
+            [sys.executable, "-m", "service.cli", "pipeline", "trigger", "nightly", "--wait",
+             "--timeout", "60", "--server", f"http://127.0.0.1:{port}", "--token", secret],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert trigger.returncode == 2 and "no complete checkpoint" in trigger.stdout, (
+            trigger.stdout + trigger.stderr)
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
