@@ -42,7 +42,7 @@ from service.errors import ConflictError, HmaoptError
 from service.paths import check_output, resolve_job_paths, resolve_path
 from service.pipelines import webhooks
 from service.pipelines.sources import newest_complete
-from service.pipelines.spec import PipelineSpec
+from service.pipelines.spec import PipelineSpec, apply_warm_start
 from service.settings import Settings
 from service.spec import JobSpec
 from service.status import TERMINAL, JobStatus
@@ -173,12 +173,8 @@ class Scheduler:
                             name=f"{p.name}-{run.scheduled_for:%Y%m%dT%H%M%S}")
             warm = self._warm_start(s, p, spec, run) if spec.warm_start else None
             if warm:
-                search = job_spec["search"]
-                search["warm_start"] = [warm["ratios"]] + (search.get("warm_start") or [])
-                if warm.get("uniform") is not None:
-                    grid = JobSpec.model_validate(job_spec).uniform_grid()
-                    if warm["uniform"] not in grid:
-                        search["uniform_grid"] = sorted(grid + [warm["uniform"]])
+                job_spec = apply_warm_start(job_spec, warm["ratios"], warm["uniform"],
+                                            spec.warm_start_scales)
             job = JobSpec.model_validate(job_spec)
             job.check()
             resolved = resolve_job_paths(job, self.settings)

@@ -133,6 +133,18 @@ class PipelineSpec(BaseModel):
     promote: Promote
     warm_start: bool = Field(True, description="enqueue the previous run's best ratios "
                              "first (and its best uniform α in the baseline grid)")
+    warm_start_scales: list[float] = Field(
+        [1.0, 0.95, 0.9], min_length=1, max_length=10,
+        description="the previous best ratios are enqueued times each of these (a scale "
+        "under 1 moves toward the base model, lowering the tax: the previous best often sits "
+        "at the budget, and a new checkpoint may push it over)")
+
+    @field_validator("warm_start_scales")
+    @classmethod
+    def _scales(cls, value: list[float]) -> list[float]:
+        if not all(0 < v <= 1 for v in value):
+            raise ValueError(f"warm_start_scales must lie in (0, 1], got {value}")
+        return value
     webhooks: list[Webhook] = Field([], max_length=10)
 
     def public(self) -> dict:
@@ -142,6 +154,26 @@ class PipelineSpec(BaseModel):
             hook.pop("secret", None)
             hook["has_secret"] = True
         return out
+
+
+def apply_warm_start(job: dict, ratios: dict[str, float], uniform: float | None,
+                     scales: list[float]) -> dict:
+    """A job-spec dict warm started from an earlier search's best: ``ratios`` times each of
+    ``scales`` run first after the uniform baseline (``search.warm_start``), and the earlier
+    best uniform α joins the grid when missing."""
+    job = {**job, "search": dict(job.get("search") or {})}
+    search = job["search"]
+    vectors = []
+    for scale in scales:
+        v = {k: round(a * scale, 6) for k, a in ratios.items()}
+        if v not in vectors:
+            vectors.append(v)
+    search["warm_start"] = vectors + (search.get("warm_start") or [])
+    if uniform is not None:
+        grid = JobSpec.model_validate(job).uniform_grid()
+        if uniform not in grid:
+            search["uniform_grid"] = sorted(grid + [uniform])
+    return job
 
 
 def _b64(raw: bytes) -> str:

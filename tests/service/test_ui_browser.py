@@ -18,6 +18,20 @@ def browser():
         b.close()
 
 
+def _signed_in(browser, stack, role: str, path: str):
+    """A new page signed in as ``role`` and at ``path``, with the list of its requests."""
+    from urllib.parse import quote
+
+    page = browser.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"{stack.url}/ui/signin?next=" + quote(path, safe="/"))
+    page.fill("#token", stack.tokens[role])
+    page.click("button[type=submit]")
+    page.wait_for_url(stack.url + path)
+    return page, requests
+
+
 def test_signin_and_the_jobs_list_in_chromium(browser, stack, tiny_spec):
     from service.db import jobs as job_db
     from service.db import session_scope
@@ -82,13 +96,7 @@ def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
                                                               state="pruned")):
             job_db.add_trial(s, job["id"], **t)
         job_db.refresh_progress(s, job["id"])
-    page = browser.new_page()
-    requests = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(f"{stack.url}/ui/signin?next=/ui/jobs/{job['id']}")
-    page.fill("#token", stack.tokens["operator"])
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{stack.url}/ui/jobs/{job['id']}")
+    page, requests = _signed_in(browser, stack, "operator", f"/ui/jobs/{job['id']}")
     page.wait_for_selector("#trials tbody tr[data-trial='3']")
     points = "() => document.getElementById('scatter').data.slice(0, 3).map(t => t.x.length)"
     assert page.evaluate(points) == [2, 1, 1]  # feasible, over budget, pruned
@@ -123,11 +131,7 @@ def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
                                                              if not u.startswith(stack.url)]
     page.close()
     # a viewer sees no cancel or export button
-    viewer = browser.new_page()
-    viewer.goto(f"{stack.url}/ui/signin?next=/ui/jobs/{job['id']}")
-    viewer.fill("#token", stack.tokens["viewer"])
-    viewer.click("button[type=submit]")
-    viewer.wait_for_url(f"{stack.url}/ui/jobs/{job['id']}")
+    viewer, _ = _signed_in(browser, stack, "viewer", f"/ui/jobs/{job['id']}")
     assert viewer.locator("#cancel").count() == 0 and viewer.locator("#export").count() == 0
     viewer.close()
 
@@ -149,13 +153,7 @@ def test_compare_two_jobs_by_url(browser, stack, tiny_spec):
                 job_db.add_trial(s, job["id"], **_trial(2, top + 1, 0.9, feasible=False))
                 job_db.refresh_progress(s, job["id"])
                 s.get(job_db.Job, job["id"]).layout = LAYOUT
-    page = browser.new_page()
-    requests = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(f"{stack.url}/ui/signin?next=/ui/jobs")
-    page.fill("#token", stack.tokens["viewer"])
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{stack.url}/ui/jobs")
+    page, requests = _signed_in(browser, stack, "viewer", "/ui/jobs")
     for job_id in ids:  # tick both jobs on the jobs page and compare them
         page.check(f"tr[data-job='{job_id}'] input[name=jobs]")
     page.click("button[form=compare]")
@@ -177,11 +175,7 @@ def test_compare_two_jobs_by_url(browser, stack, tiny_spec):
     assert all(u.startswith(stack.url) for u in requests), requests
     page.close()
     # the URL alone opens the same comparison in another signed-in browser
-    other = browser.new_page()
-    other.goto(f"{stack.url}/ui/signin?next=" + shared.removeprefix(stack.url).replace("&", "%26"))
-    other.fill("#token", stack.tokens["viewer"])
-    other.click("button[type=submit]")
-    other.wait_for_url(shared)
+    other, _ = _signed_in(browser, stack, "viewer", shared.removeprefix(stack.url))
     assert other.locator("#best-results tbody tr").count() == 2
     other.goto(f"{stack.url}/ui/compare?jobs=nosuchjob")
     assert other.locator(".error").first.inner_text() == "No job nosuchjob."
@@ -210,13 +204,7 @@ def test_pipelines_page_shows_runs_and_decisions(browser, stack, tiny_spec):
             run.decision, run.reward, run.tax, run.gain = decision, reward, reward and 0.1, 0.2
             run.reason = "no complete checkpoint in rlhf yet" if status == "skipped" else None
         s.commit()
-    page = browser.new_page()
-    requests = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(f"{stack.url}/ui/signin?next=/ui/pipelines")
-    page.fill("#token", stack.tokens["viewer"])
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{stack.url}/ui/pipelines")
+    page, requests = _signed_in(browser, stack, "viewer", "/ui/pipelines")
     assert page.locator("tr[data-pipeline='nightly'] td").nth(1).inner_text() == "active"
     page.click("tr[data-pipeline='nightly'] a")
     page.wait_for_url(f"{stack.url}/ui/pipelines/nightly")

@@ -108,8 +108,7 @@ def jobs_page(request: Request, session: SessionDep,
               q: str | None = None, page: Annotated[int, Query(ge=1)] = 1) -> Response:
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
-                                status_code=303)
+        return _to_signin(request)
     rows, total = job_db.list_jobs(session, status=[s.value for s in status or []], q=q,
                                    limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     pages = max(1, -(-total // PAGE_SIZE))
@@ -128,8 +127,7 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
     kept current over the job's server-sent events."""
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
-                                status_code=303)
+        return _to_signin(request)
     job = job_summary(job_db.get_job(session, job_id), detail=True)
     return _render(request, "job.html", caller, job=job)
 
@@ -147,8 +145,7 @@ def compare_page(request: Request, session: SessionDep,
     """Two or more jobs overlaid; the address (``?jobs=ID&jobs=ID``) is the share link."""
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
-                                status_code=303)
+        return _to_signin(request)
     ids = list(dict.fromkeys(i.strip() for raw in jobs or [] for i in raw.split(",")
                              if i.strip()))[:COMPARE_MAX]
     found, missing = [], []
@@ -176,8 +173,7 @@ def pipelines_page(request: Request, session: SessionDep) -> Response:
 
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
-                                status_code=303)
+        return _to_signin(request)
     rows = []
     for p in pipe_db.list_pipelines(session):
         latest = pipe_db.list_runs(session, p.id, limit=1)
@@ -193,8 +189,7 @@ def pipeline_page(ref: str, request: Request, session: SessionDep) -> Response:
 
     caller = _signed_in(request, session)
     if caller is None:
-        return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}),
-                                status_code=303)
+        return _to_signin(request)
     p = pipe_db.get_pipeline(session, ref)
     runs = pipe_db.list_runs(session, p.id, limit=500)
     series = [{"id": r.id, "at": r.scheduled_for.isoformat(), "status": r.status,
@@ -231,6 +226,10 @@ def _plotly_gzip() -> tuple[bytes, str]:
 
 def _page_url(query: dict, page: int) -> str:
     return "/ui/jobs?" + urlencode({**query, "page": page}, doseq=True)
+
+
+def _to_signin(request: Request) -> RedirectResponse:
+    return RedirectResponse("/ui/signin?" + urlencode({"next": _here(request)}), status_code=303)
 
 
 def _here(request: Request) -> str:
