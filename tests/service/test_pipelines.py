@@ -77,6 +77,21 @@ def test_newest_complete_checkpoint_never_takes_a_half_written_one(tmp_path, tin
     assert "ckpt-2: no config.json" in passed
 
 
+def test_warm_start_scales_the_previous_best_and_adds_its_uniform_alpha(tiny_spec):
+    from service.pipelines.spec import apply_warm_start
+
+    job = {**tiny_spec, "search": {**tiny_spec["search"], "warm_start": [{"block0": 0.1,
+                                                                          "block1": 0.1}]}}
+    out = apply_warm_start(job, {"block0": 0.5, "block1": 0.8}, 0.25, [1.0, 0.9, 0.9])
+    assert out["search"]["warm_start"] == [{"block0": 0.5, "block1": 0.8},
+                                           {"block0": 0.45, "block1": 0.72},
+                                           {"block0": 0.1, "block1": 0.1}]
+    assert out["search"]["uniform_grid"] == [0.0, 0.25, 0.5, 1.0]  # tiny grid + 0.25
+    assert job["search"]["warm_start"] == [{"block0": 0.1, "block1": 0.1}]  # not changed
+    same = apply_warm_start(job, {"block0": 0.5, "block1": 0.5}, 0.5, [1.0])
+    assert same["search"]["uniform_grid"] == [0.0, 0.5, 1.0]  # 0.5 is on the grid already
+
+
 # ------------------------------------------------------------------ REST and errors
 
 def test_rest_errors_are_clear(stack, tiny_spec, roots):
@@ -425,9 +440,12 @@ def test_nightly_run_end_to_end_with_a_worker(pg_stack, tiny_spec, roots):
     with session_scope(stack.settings.database()) as s:
         job1 = job_db.get_job(s, one["job_id"])
         job3 = job_db.get_job(s, three["job_id"])
-        assert job3.spec["search"]["warm_start"][0] == job1.result["best"]["ratios"]
+        best1 = job1.result["best"]["ratios"]
+        expected = [{k: pytest.approx(v * scale, abs=1e-6) for k, v in best1.items()}
+                    for scale in (1.0, 0.95, 0.9)]
+        assert job3.spec["search"]["warm_start"] == expected
         warm = [t for t in job_db.list_trials(s, job3.id, limit=100)[0] if t.kind == "warm"]
-        assert [t.ratios for t in warm] == [job1.result["best"]["ratios"]]
+        assert sorted((t.ratios for t in warm), key=lambda r: -sum(r.values())) == expected
 
 
 def _cli(stack, *argv: str, timeout: float = 60):
