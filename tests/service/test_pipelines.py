@@ -379,9 +379,29 @@ def test_webhooks_are_signed_and_retried(stack, tiny_spec, roots):
 
 # ------------------------------------------------------------------ end to end
 
-def test_nightly_run_end_to_end_with_a_worker(pg_stack, tiny_spec, roots):
-    """A checkpoint appears, the run searches it with a real worker and is promoted; the
-    next checkpoint's run is warm started with the first run's best."""
+def _world_job(world: Path, roots) -> dict:
+    """The reference world's job with its models and data copied into the test roots (the
+    aligned model stays out: the pipeline's source provides it), 15 trials."""
+    from service.spec import load_spec
+
+    models, data = roots
+    for name in ("base", "reward"):
+        shutil.copytree(world / "models" / name, models / name)
+    shutil.copytree(world / "data", data / "world")
+    spec = load_spec(world / "spec.yaml", resolve=False).model_dump(mode="json")
+    spec.update(base_model=str(models / "base"), aligned_model=str(models / "base"), export=None)
+    spec["reward"].update(model=str(models / "reward"),
+                          prompts=spec["reward"]["prompts"].replace("data/", f"{data}/world/"))
+    for task in spec["tax"]["tasks"]:
+        task["data"] = task["data"].replace("data/", f"{data}/world/")
+    spec["search"]["n_trials"] = 15  # 11 uniform points, then 4 (or 3 warm + 1)
+    return spec
+
+
+def test_nightly_run_end_to_end_with_a_worker(pg_stack, world, roots):
+    """A checkpoint of the reference world appears in the source folder; the run searches
+    it with a real worker and is promoted; the same checkpoint next night is skipped; a new
+    checkpoint's run (triggered from the CLI) is warm started with the first run's best."""
     import time_machine
 
     from service.db import jobs as job_db
@@ -391,10 +411,13 @@ def test_nightly_run_end_to_end_with_a_worker(pg_stack, tiny_spec, roots):
 
     stack = pg_stack
     models, _ = roots
+    job = _world_job(world, roots)
     with stack.client() as api:
-        created = api.post("/v1/pipelines", json=_pipeline(tiny_spec, roots)).json()
+        made = api.post("/v1/pipelines", json=_pipeline(job, roots))
+        assert made.status_code == 201, made.text
+        created = made.json()
     due = datetime.fromisoformat(created["next_due_at"])
-    first = _checkpoint(Path(tiny_spec["aligned_model"]), models / "rlhf" / "ckpt-1")
+    first = _checkpoint(world / "models" / "aligned", models / "rlhf" / "ckpt-1")
     stack.start_worker()
     sched = Scheduler(stack.settings)
 
