@@ -233,6 +233,8 @@ def _add_service_commands(sub) -> None:
     pb = _client_args(pipe_sub.add_parser("rollback",
                                           help="switch `current` back to the previous champion"))
     pb.add_argument("name")
+    pb.add_argument("--timeout", type=float, default=120,
+                    help="seconds to wait for the scheduler to switch the alias")
     pb.set_defaults(handler=_cmd_pipeline_rollback)
 
     demo = sub.add_parser(
@@ -651,6 +653,8 @@ def _cmd_pipeline_create(args: argparse.Namespace) -> int:
         raise SpecError(f"cannot read the pipeline spec {args.spec}: {exc}") from None
     p = _pipeline_client(args).request("POST", "/v1/pipelines", json=raw)
     print(f"pipeline {p['name']} ({p['id']}): next run {p['next_due_at']}", file=sys.stderr)
+    for url, secret in p.get("webhook_secrets", {}).items():  # shown once: keep it
+        print(f"webhook secret for {url} (shown once): {secret}", file=sys.stderr)
     print(p["name"])
     return 0
 
@@ -711,7 +715,19 @@ def _cmd_pipeline_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline_rollback(args: argparse.Namespace) -> int:
-    out = _pipeline_client(args).request("POST", f"/v1/pipelines/{args.name}/rollback")
+    import time
+
+    client = _pipeline_client(args)
+    out = client.request("POST", f"/v1/pipelines/{args.name}/rollback")
+    deadline = time.monotonic() + args.timeout
+    while client.request("GET", f"/v1/pipelines/{args.name}")["champion_run_id"] != (
+            out["champion_run"]):
+        if time.monotonic() > deadline:
+            raise DependencyUnavailableError(
+                f"the rollback of {args.name} is requested but not done after "
+                f"{args.timeout:.0f} s: is a scheduler running? (`hmaopt scheduler`, or the "
+                "embedded `hmaopt serve`)")
+        time.sleep(1)
     print(f"pipeline {out['pipeline']}: current -> {out['dir']} (run {out['champion_run']}, "
           f"replacing run {out['replaced_run']})")
     return 0

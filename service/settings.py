@@ -96,8 +96,9 @@ class Settings(BaseSettings):
     scheduler_seconds: float = Field(15.0, gt=0, description="Seconds between two passes "
                                      "of the pipeline scheduler.")
     scheduler_grace_seconds: float = Field(
-        300.0, gt=0, description="A scheduled time older than this when a scheduler first "
-        "sees it was missed (no scheduler ran): the pipeline's `missed` policy applies.")
+        300.0, gt=0, description="A scheduled time that passed before the scheduler started "
+        "and is older than this was missed (no scheduler ran): the pipeline's `missed` "
+        "policy applies.")
     webhook_backoff_seconds: list[float] = Field(
         [5, 30, 120, 600, 3600], description="Waits before each retry of a failed webhook "
         "delivery (JSON list); one attempt more than retries in all.")

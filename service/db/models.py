@@ -169,6 +169,8 @@ class Pipeline(Base):
     #: the next cron time not yet handled (UTC); None until the first scheduler pass
     next_due_at: Mapped[datetime | None] = mapped_column(index=True)
     champion_run_id: Mapped[str | None] = mapped_column(String(32))
+    #: set by POST .../rollback; the scheduler switches the alias (it may write the folder)
+    rollback_requested_at: Mapped[datetime | None]
     token_id: Mapped[str | None] = mapped_column(String(32))
     created_by: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -190,6 +192,8 @@ class PipelineRun(Base):
     # pending | starting | running | remeasuring | deciding | promoting | switching |
     # succeeded | skipped | failed
     status: Mapped[str] = mapped_column(String(16), index=True)
+    #: when the status last changed (a transient status held too long is failed)
+    status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     checkpoint: Mapped[str | None] = mapped_column(Text)
     base_checkpoint: Mapped[str | None] = mapped_column(Text)
     fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -203,6 +207,8 @@ class PipelineRun(Base):
     holdout_tax: Mapped[float | None] = mapped_column(Float)
     gain: Mapped[float | None] = mapped_column(Float)
     champion_reward: Mapped[float | None] = mapped_column(Float)
+    #: the champion run the decision compared against
+    champion_run_id: Mapped[str | None] = mapped_column(String(32))
     #: the job that re-measured the champion's merge on this run's data (when it changed)
     champion_job_id: Mapped[str | None] = mapped_column(String(32))
     promoted_dir: Mapped[str | None] = mapped_column(Text)

@@ -108,7 +108,7 @@ def claim_run(session, pipeline_id: str, scheduled_for: datetime, trigger: str,
     from sqlalchemy.exc import IntegrityError
 
     run = PipelineRun(id=new_id(), pipeline_id=pipeline_id, scheduled_for=scheduled_for,
-                      trigger=trigger, status=status, reason=reason,
+                      trigger=trigger, status=status, reason=reason, status_changed_at=utcnow(),
                       finished_at=utcnow() if status in RUN_DONE else None)
     session.add(run)
     try:
@@ -123,7 +123,7 @@ def move_run(session, run_id: str, old: str, new: str) -> bool:
     """Compare-and-set a run's status: True for the one caller that moved it."""
     done = session.execute(update(PipelineRun).where(PipelineRun.id == run_id,
                                                      PipelineRun.status == old)
-                           .values(status=new))
+                           .values(status=new, status_changed_at=utcnow()))
     session.commit()
     return done.rowcount == 1
 
@@ -136,7 +136,16 @@ def runs_in(session, statuses: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def last_processed(session, pipeline_id: str, *, exclude: str) -> PipelineRun | None:
-    """The newest run of the pipeline that started a job."""
+    """The newest run of the pipeline whose search ran to its end (a failed run does not
+    count: its checkpoint is searched again)."""
     return session.scalar(select(PipelineRun).where(
         PipelineRun.pipeline_id == pipeline_id, PipelineRun.job_id.is_not(None),
-        PipelineRun.id != exclude).order_by(PipelineRun.created_at.desc()).limit(1))
+        PipelineRun.status == "succeeded", PipelineRun.id != exclude)
+        .order_by(PipelineRun.created_at.desc()).limit(1))
+
+
+def stale_runs(session, statuses: tuple[str, ...], before: datetime) -> list[str]:
+    """Runs held in a transient status since before ``before`` (their scheduler stopped
+    mid-step)."""
+    return list(session.scalars(select(PipelineRun.id).where(
+        PipelineRun.status.in_(statuses), PipelineRun.status_changed_at < before)))

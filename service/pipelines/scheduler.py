@@ -4,8 +4,9 @@ Every ``HMAOPT_SCHEDULER_SECONDS`` a pass (:meth:`Scheduler.tick`):
 
 1. Due runs. For each active pipeline whose ``next_due_at`` has come, the latest cron time
    not after now is claimed by inserting its run row: (pipeline, scheduled time) is unique,
-   so of two schedulers on one database exactly one gets it. A time older than
-   ``HMAOPT_SCHEDULER_GRACE_SECONDS`` was missed (no scheduler ran): ``missed: run_once``
+   so of two schedulers on one database exactly one gets it. A time that passed before this
+   scheduler started and is older than ``HMAOPT_SCHEDULER_GRACE_SECONDS`` was missed (no
+   scheduler ran): ``missed: run_once``
    runs it once (trigger ``catch_up``), ``skip`` records it as skipped; earlier missed
    times are not run. ``next_due_at`` moves to the next cron time after now.
 2. Runs move on, each step taken by the one scheduler whose compare-and-set of the run's
@@ -20,7 +21,11 @@ Every ``HMAOPT_SCHEDULER_SECONDS`` a pass (:meth:`Scheduler.tick`):
      kept, with the reason;
    - promoting -> the export of the best merge into ``<promote.dir>/<run id>`` finished ->
      the ``current`` alias switched to it atomically -> succeeded, the run is the champion.
-3. Webhook deliveries that are due are sent (service.pipelines.webhooks).
+3. Runs left in a transient status (starting, deciding, switching) for STALE_SECONDS are
+   failed; rollbacks requested over the API are carried out here (this process may write the
+   promote folders).
+4. Webhook deliveries that are due are sent (service.pipelines.webhooks), for at most
+   DELIVERY_BUDGET_SECONDS per pass.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from service.db import jobs as job_db
 from service.db import pipelines as pipe_db
 from service.db import session_scope
 from service.db.models import Job, Pipeline, PipelineRun, Promotion, Trial, utcnow
-from service.errors import ConflictError, HmaoptError
+from service.errors import ConflictError, DependencyUnavailableError, HmaoptError
 from service.paths import check_output, resolve_job_paths, resolve_path
 from service.pipelines import webhooks
 from service.pipelines.sources import newest_complete
@@ -53,17 +58,27 @@ log = logging.getLogger(__name__)
 ALIAS = "current"
 #: job-spec sections that make two runs' rewards comparable when equal
 SAME_DATA_KEYS = ("reward", "tax")
+#: statuses a scheduler holds only while it works on the run; held longer than
+#: STALE_SECONDS, its scheduler stopped mid-step and the run is failed
+TRANSIENT = ("starting", "deciding", "switching")
+STALE_SECONDS = 600
+#: seconds of webhook delivery per pass at most (the rest waits for the next pass)
+DELIVERY_BUDGET_SECONDS = 10.0
 
 
 class Scheduler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = settings.database()
+        #: scheduled times before this passed while this scheduler was not running
+        self.started = utcnow()
 
     # ------------------------------------------------------------------ the pass
     def tick(self, now: datetime | None = None) -> None:
         now = now or utcnow()
         self.claim_due(now)
+        self.rollbacks(now)
+        self.reap(now)
         for run_id, status in self._runs(("pending", "running", "remeasuring", "promoting")):
             try:
                 if status == "pending":
@@ -74,7 +89,33 @@ class Scheduler:
                     self.finish_promotion(run_id, now)
             except Exception as exc:  # one run's trouble never stops the others
                 log.exception("pipeline run %s: %s", run_id, exc)
-        webhooks.deliver_due(self.settings, now)
+        webhooks.deliver_due(self.settings, now, budget_seconds=DELIVERY_BUDGET_SECONDS)
+
+    def reap(self, now: datetime) -> list[str]:
+        """Fail the runs a scheduler left in a transient status (it stopped mid-step)."""
+        from datetime import timedelta
+
+        with session_scope(self.url) as s:
+            stale = pipe_db.stale_runs(s, TRANSIENT, now - timedelta(seconds=STALE_SECONDS))
+        for run_id, old in ((r, st) for r in stale for st in TRANSIENT):
+            with session_scope(self.url) as s:
+                if pipe_db.move_run(s, run_id, old, "failed"):
+                    self._fail(run_id, f"the scheduler stopped while the run was {old}; "
+                               "trigger the pipeline again", now)
+        return stale
+
+    def rollbacks(self, now: datetime) -> None:
+        """Carry out the rollbacks the API recorded (the scheduler may write the folders)."""
+        with session_scope(self.url) as s:
+            ids = list(s.scalars(select(Pipeline.id).where(
+                Pipeline.rollback_requested_at.is_not(None))))
+        for pid in ids:
+            try:
+                rollback(self.settings, pid, now)
+            except HmaoptError as exc:
+                log.warning("pipeline %s: rollback refused: %s", pid, exc)
+                with session_scope(self.url) as s:
+                    s.get(Pipeline, pid).rollback_requested_at = None
 
     def run_forever(self, stop: threading.Event) -> None:
         log.info("scheduler: a pass every %.0f s", self.settings.scheduler_seconds)
@@ -100,7 +141,10 @@ class Scheduler:
         for pid, schedule, next_due in due:
             times = pipe_db.due_between(schedule, next_due, now)
             latest = times[-1]
-            missed = (now - latest).total_seconds() > self.settings.scheduler_grace_seconds
+            # missed: it passed while no scheduler ran (before this one started), not merely
+            # during a slow pass of this one
+            missed = (latest < self.started and (now - latest).total_seconds()
+                      > self.settings.scheduler_grace_seconds)
             skip = missed and schedule.get("missed", "run_once") == "skip"
             with session_scope(self.url) as s:
                 run = pipe_db.claim_run(
@@ -139,8 +183,9 @@ class Scheduler:
             self._start(run_id, now)
         except HmaoptError as exc:
             self._fail(run_id, f"{exc}", now)
-        except Exception as exc:
-            self._fail(run_id, f"internal error: {type(exc).__name__}: {exc}", now)
+        except BaseException as exc:
+            self._fail(run_id, f"internal error ({type(exc).__name__}; see the scheduler's "
+                       "log)", now)
             raise
 
     def _start(self, run_id: str, now: datetime) -> None:
@@ -185,7 +230,11 @@ class Scheduler:
             webhooks.emit(s, p, "run.started", _run_data(run), run.id, now)
             s.commit()
             job_id, parallel = row.id, row.parallel
-        queue.enqueue_runs(self.settings, job_id, parallel)
+        try:
+            queue.enqueue_runs(self.settings, job_id, parallel)
+        except DependencyUnavailableError as exc:  # the row is the truth: maintenance
+            log.warning("pipeline run %s: job %s not enqueued yet (%s); the maintenance "
+                        "loop enqueues it", run_id, job_id, exc)
         queue.publish(self.settings, job_id, "status", {"status": JobStatus.QUEUED.value})
         log.info("pipeline run %s: job %s on %s", run_id, job_id, found.path)
 
@@ -193,10 +242,16 @@ class Scheduler:
         """The previous run's best ratios and best uniform α, when its job found them."""
         prev = s.scalar(select(PipelineRun).where(
             PipelineRun.pipeline_id == p.id, PipelineRun.id != run.id,
-            PipelineRun.job_id.is_not(None)).order_by(PipelineRun.created_at.desc()).limit(1))
+            PipelineRun.status == "succeeded", PipelineRun.reward.is_not(None))
+            .order_by(PipelineRun.created_at.desc()).limit(1))
         job = s.get(Job, prev.job_id) if prev is not None else None
         best = ((job.result or {}).get("best") or {}) if job is not None else {}
         if not best.get("ratios"):
+            return None
+        if job.spec.get("groups") != spec.job.groups.model_dump(mode="json") or (
+                _num_layers(run.checkpoint) != (job.layout or {}).get("num_layers")):
+            log.info("pipeline run %s: no warm start (the grouping or the layer count changed "
+                     "since run %s)", run.id, prev.id)
             return None
         uniform = (job.result.get("best_uniform") or {}).get("ratio")
         return {"from_run": prev.id, "ratios": best["ratios"], "uniform": uniform}
@@ -212,8 +267,16 @@ class Scheduler:
                 return
         try:
             self.decide(run_id, now)
+        except DependencyUnavailableError as exc:  # Redis: decide again on the next pass
+            log.warning("pipeline run %s: %s; decided again on the next pass", run_id, exc)
+            with session_scope(self.url) as s:
+                pipe_db.move_run(s, run_id, "deciding", status)
         except HmaoptError as exc:
             self._fail(run_id, f"{exc}", now)
+        except BaseException as exc:
+            self._fail(run_id, f"internal error ({type(exc).__name__}; see the scheduler's "
+                       "log)", now)
+            raise
 
     def decide(self, run_id: str, now: datetime) -> None:
         with session_scope(self.url) as s:
@@ -226,6 +289,9 @@ class Scheduler:
                 run.reason = f"job {job.id} {job.status}" + (f": {job.error}" if job.error else "")
                 webhooks.emit(s, p, "run.failed", _run_data(run), run.id, now)
                 return
+            if job.export_status in ("queued", "running"):  # someone's export: wait for it
+                run.status = "running"
+                return
             result = job.result or {}
             best = result.get("best")
             budget = job.spec["tax"]["budget"]
@@ -234,6 +300,7 @@ class Scheduler:
                 run.reward, run.tax, run.gain = best["reward"], best["tax"], result.get("gain")
                 run.holdout_reward, run.holdout_tax = holdout.get("reward"), holdout.get("tax")
             champion = s.get(PipelineRun, p.champion_run_id) if p.champion_run_id else None
+            run.champion_run_id = champion.id if champion is not None else None
             reason = None
             if best is None:
                 reason = f"no feasible merge within the tax budget {budget}"
@@ -284,8 +351,8 @@ class Scheduler:
                           f"reward {run.reward:.6g} beats the champion's "
                           f"{run.champion_reward:.6g} (run {champion.id}) by more than "
                           f"{spec.promote.margin}")
-            job_id = job.id
-        queue.enqueue_export(self.settings, job_id, out)
+            # before the commit: when Redis fails, nothing of this decision is kept
+            queue.enqueue_export(self.settings, job.id, out)
 
     def _remeasure(self, s, p: Pipeline, run: PipelineRun, champion: PipelineRun,
                    job: Job) -> str:
@@ -316,15 +383,42 @@ class Scheduler:
                 return
             if not pipe_db.move_run(s, run_id, "promoting", "switching"):
                 return
+        try:
+            self._switch(run_id, now)
+        except BaseException as exc:
+            reason = (f"{exc}" if isinstance(exc, HmaoptError | OSError) else
+                      f"internal error ({type(exc).__name__}; see the scheduler's log)")
+            self._fail(run_id, f"promotion failed: {reason}", now)
+            if not isinstance(exc, HmaoptError | OSError):
+                raise
+
+    def _switch(self, run_id: str, now: datetime) -> None:
         with session_scope(self.url) as s:
             run = pipe_db.get_run(s, run_id)
             p = s.get(Pipeline, run.pipeline_id, with_for_update=True)
             job = s.get(Job, run.job_id)
-            if job.export_status != "succeeded":
+            exported = (job.export_status == "succeeded" and job.export_dir == run.promoted_dir
+                        and (Path(run.promoted_dir) / "hma_manifest.json").is_file())
+            if not exported:
                 run.status, run.finished_at = "failed", now
-                run.reason = f"the export of the best merge failed: {job.export_error}"
+                run.reason = ("the export of the best merge failed: "
+                              f"{job.export_error or 'its folder or manifest is missing'}")
                 webhooks.emit(s, p, "run.failed", _run_data(run), run.id, now)
                 return
+            if p.champion_run_id != run.champion_run_id:  # another run was promoted meanwhile
+                now_champ = s.get(PipelineRun, p.champion_run_id)
+                margin = PipelineSpec.model_validate(p.spec).promote.margin
+                same = all(s.get(Job, now_champ.job_id).spec.get(k) == job.spec.get(k)
+                           for k in SAME_DATA_KEYS)
+                if not same or not run.reward > now_champ.reward + margin:
+                    run.status, run.decision, run.finished_at = "succeeded", "kept", now
+                    run.reason = (f"run {now_champ.id} was promoted while this one was "
+                                  "exported, and this one does not beat it by more than the "
+                                  f"margin on the same data (reward {run.reward:.6g} vs "
+                                  f"{now_champ.reward:.6g})")
+                    webhooks.emit(s, p, "run.finished", _run_data(run), run.id, now)
+                    return
+                run.champion_run_id, run.champion_reward = now_champ.id, now_champ.reward
             switch_alias(Path(run.promoted_dir))
             s.add(Promotion(pipeline_id=p.id, run_id=run.id, action="promote",
                             dir=run.promoted_dir, previous_run_id=p.champion_run_id,
@@ -349,23 +443,41 @@ class Scheduler:
         log.warning("pipeline run %s failed: %s", run_id, reason)
 
 
+def rollback_target(s, p: Pipeline) -> PipelineRun:
+    """The champion before the current one (ConflictError when there is none)."""
+    if p.champion_run_id is None:
+        raise ConflictError(f"pipeline {p.name} has no champion to roll back")
+    made = s.scalar(select(Promotion).where(
+        Promotion.pipeline_id == p.id, Promotion.run_id == p.champion_run_id,
+        Promotion.action == "promote").order_by(Promotion.id.desc()).limit(1))
+    if made is None or made.previous_run_id is None:
+        raise ConflictError(f"pipeline {p.name}: run {p.champion_run_id} is the first "
+                            "champion; there is none before it")
+    previous = s.get(PipelineRun, made.previous_run_id)
+    if previous.promoted_dir is None or not Path(previous.promoted_dir).is_dir():
+        raise ConflictError(f"pipeline {p.name}: the previous champion's merge "
+                            f"({previous.promoted_dir}) is gone")
+    return previous
+
+
+def request_rollback(settings: Settings, pipeline_ref: str) -> dict:
+    """Record a rollback for the scheduler to carry out (the API may not write the promote
+    folders: they are the scheduler's)."""
+    with session_scope(settings.database()) as s:
+        p = pipe_db.get_pipeline(s, pipeline_ref, lock=True)
+        previous = rollback_target(s, p)
+        p.rollback_requested_at = utcnow()
+        return {"pipeline": p.name, "status": "requested", "champion_run": previous.id,
+                "dir": previous.promoted_dir, "replaced_run": p.champion_run_id}
+
+
 def rollback(settings: Settings, pipeline_ref: str, now: datetime | None = None) -> dict:
     """Switch the pipeline's alias back to the champion before the current one."""
     now = now or utcnow()
     with session_scope(settings.database()) as s:
         p = pipe_db.get_pipeline(s, pipeline_ref, lock=True)
-        if p.champion_run_id is None:
-            raise ConflictError(f"pipeline {p.name} has no champion to roll back")
-        made = s.scalar(select(Promotion).where(
-            Promotion.pipeline_id == p.id, Promotion.run_id == p.champion_run_id,
-            Promotion.action == "promote").order_by(Promotion.id.desc()).limit(1))
-        if made is None or made.previous_run_id is None:
-            raise ConflictError(f"pipeline {p.name}: run {p.champion_run_id} is the first "
-                                "champion; there is none before it")
-        previous = s.get(PipelineRun, made.previous_run_id)
-        if previous.promoted_dir is None or not Path(previous.promoted_dir).is_dir():
-            raise ConflictError(f"pipeline {p.name}: the previous champion's merge "
-                                f"({previous.promoted_dir}) is gone")
+        p.rollback_requested_at = None
+        previous = rollback_target(s, p)
         switch_alias(Path(previous.promoted_dir))
         s.add(Promotion(pipeline_id=p.id, run_id=previous.id, action="rollback",
                         dir=previous.promoted_dir, previous_run_id=p.champion_run_id,
@@ -384,6 +496,23 @@ def switch_alias(target: Path) -> Path:
     tmp.symlink_to(target.name)  # relative: the folder can move as a whole
     os.replace(tmp, alias)
     return alias
+
+
+def _num_layers(checkpoint: str | None) -> int | None:
+    """The decoder layer count of a checkpoint's config.json (None when unreadable)."""
+    import json
+
+    from workers.architectures import LAYER_COUNT_KEYS
+
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    for source in (config, config.get("text_config") or {}):
+        for key in LAYER_COUNT_KEYS:
+            if isinstance(source.get(key), int):
+                return source[key]
+    return None
 
 
 def _digest(text: str) -> str:
@@ -414,8 +543,18 @@ def check_pipeline(spec: PipelineSpec, settings: Settings) -> None:
             from service.errors import SpecError
 
             raise SpecError(f"{raw} is not a folder", field=f"{field}.dir")
-    resolve_path("promote.dir", spec.promote.dir, settings.model_roots, must_exist=False,
-                 kind="model")
+    promote = Path(resolve_path("promote.dir", spec.promote.dir, settings.model_roots,
+                                must_exist=False, kind="model"))
+    for field, source in (("aligned", spec.aligned), ("base", spec.base)):
+        if source is not None and source.dir is not None:
+            folder = Path(resolve_path(f"{field}.dir", source.dir, settings.model_roots,
+                                       kind="model"))
+            if promote == folder or promote.is_relative_to(folder):
+                from service.errors import PathNotAllowedError
+
+                raise PathNotAllowedError(f"promote.dir: {spec.promote.dir} lies in the "
+                                          f"{field} source folder: a promoted merge would be "
+                                          "taken as the next checkpoint")
     job = spec.job.model_copy(update={"aligned_model": _any_checkpoint(spec, settings)})
     if spec.base is not None:
         job = job.model_copy(update={"base_model": job.aligned_model})

@@ -89,8 +89,11 @@ def _safetensors_short(path: Path) -> str | None:
         return f"{path.name} is missing"
     except (OSError, ValueError):
         return f"{path.name} has no readable safetensors header"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return f"{path.name} has a malformed safetensors header"
     if size < 8 + n + end:
         return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
     return None
@@ -124,11 +127,17 @@ def newest_complete(source: Source, settings: Settings, field: str,
     candidates = []
     for sub in folder.iterdir():
         if sub.is_dir() and not sub.name.startswith(".") and not sub.is_symlink():
-            files = [p.stat().st_mtime for p in sub.iterdir() if p.is_file()]
-            candidates.append((max(files, default=sub.stat().st_mtime), sub.name, sub))
+            try:
+                files = [p.stat().st_mtime for p in sub.iterdir() if p.is_file()]
+                candidates.append((max(files, default=sub.stat().st_mtime), sub.name, sub))
+            except OSError:  # removed while we looked
+                continue
     passed = []
     for _, _, sub in sorted(candidates, reverse=True):
-        reason = incomplete_reason(sub, **kw)
+        try:
+            reason = incomplete_reason(sub, **kw)
+        except OSError as exc:  # a file renamed or removed while we read: still changing
+            reason = f"changing while read ({exc.strerror or exc})"
         if reason is None:
             return Found(str(sub), fingerprint(sub)), passed
         passed.append(f"{sub.name}: {reason}")

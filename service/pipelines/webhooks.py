@@ -51,11 +51,16 @@ def sign(secret: str, msg_id: str, when: datetime, body: str) -> dict[str, str]:
             "content-type": "application/json"}
 
 
-def deliver_due(settings: Settings, now: datetime | None = None) -> int:
-    """Send every pending delivery that is due; returns how many were delivered."""
+def deliver_due(settings: Settings, now: datetime | None = None,
+                budget_seconds: float | None = None) -> int:
+    """Send the pending deliveries that are due (for at most ``budget_seconds``: the rest
+    wait for the next call); returns how many were delivered."""
+    import time
+
     import httpx
 
     now = now or utcnow()
+    deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
     url = settings.database()
     with session_scope(url) as s:
         due = [d.id for d in s.scalars(select(WebhookDelivery).where(
@@ -63,8 +68,11 @@ def deliver_due(settings: Settings, now: datetime | None = None) -> int:
             .order_by(WebhookDelivery.id).limit(100))]
     delivered = 0
     for delivery_id in due:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         with session_scope(url) as s:
-            d = s.get(WebhookDelivery, delivery_id, with_for_update=True)
+            d = s.scalar(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
+                         .with_for_update(skip_locked=True))  # another scheduler sends it
             if d is None or d.status != "pending" or d.next_attempt_at > now:
                 continue  # another scheduler sent it meanwhile
             pipeline = s.get(Pipeline, d.pipeline_id)

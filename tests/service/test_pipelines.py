@@ -109,6 +109,11 @@ def test_rest_errors_are_clear(stack, tiny_spec, roots):
         promote_out = api.post("/v1/pipelines", json={**spec, "promote": {"dir": "/tmp/x"}})
         assert promote_out.status_code == 403
         assert promote_out.json()["message"].startswith("promote.dir: /tmp/x resolves outside")
+        inside = api.post("/v1/pipelines", json={**spec, "promote": {
+            "dir": spec["aligned"]["dir"] + "/promoted"}})
+        assert inside.status_code == 403 and "lies in the aligned source folder" in inside.text
+        hooks_bad = api.post("/v1/pipelines", json={**spec, "webhooks": 5})
+        assert hooks_bad.status_code == 422 and hooks_bad.json()["field"] == "webhooks"
         assert api.get("/v1/pipelines/nope").status_code == 404
         assert api.post("/v1/pipelines/nope/trigger").status_code == 404
         hooked = {**spec, "webhooks": [{"url": "http://127.0.0.1:9/hook"}]}
@@ -117,7 +122,10 @@ def test_rest_errors_are_clear(stack, tiny_spec, roots):
         body = created.json()
         assert body["spec"]["webhooks"][0] == {"url": "http://127.0.0.1:9/hook", "has_secret": True,
                                               "events": body["spec"]["webhooks"][0]["events"]}
-        assert "whsec_" not in created.text and '"secret"' not in created.text
+        shown = body.pop("webhook_secrets")  # a generated secret is shown once, here
+        assert list(shown) == ["http://127.0.0.1:9/hook"] and shown[body["spec"]["webhooks"][0]["url"]].startswith("whsec_")
+        assert "whsec_" not in json.dumps(body) and '"secret"' not in json.dumps(body)
+        assert "whsec_" not in api.get("/v1/pipelines/nightly").text
         assert api.post("/v1/pipelines", json=hooked).status_code == 409
         # 02:00 in Paris is 01:00 UTC in winter
         due = datetime.fromisoformat(body["next_due_at"])
@@ -181,10 +189,10 @@ def test_two_schedulers_start_a_due_run_exactly_once(pg_stack, tiny_spec, roots)
     with session_scope(stack.settings.database()) as s:
         run = pipe_db.get_run(s, runs[0].id)
         assert run.status == "skipped" and "no complete checkpoint" in run.reason
-    # three days without a scheduler: run_once runs the latest missed time once
+    # a scheduler starts after three days without one: run_once runs the latest missed time
     with time_machine.travel(due + timedelta(days=3, hours=5), tick=False):
         now = datetime.now(UTC)
-        [run_id] = schedulers[0].claim_due(now)
+        [run_id] = Scheduler(stack.settings).claim_due(now)
     with session_scope(stack.settings.database()) as s:
         run = pipe_db.get_run(s, run_id)
         assert (run.scheduled_for, run.trigger, run.status) == (
@@ -192,10 +200,25 @@ def test_two_schedulers_start_a_due_run_exactly_once(pg_stack, tiny_spec, roots)
         p = pipe_db.get_pipeline(s, "nightly")
         p.spec = {**p.spec, "schedule": {**NIGHTLY, "missed": "skip"}}
     with time_machine.travel(due + timedelta(days=6, hours=5), tick=False):
-        [run_id] = schedulers[1].claim_due(datetime.now(UTC))
+        [run_id] = Scheduler(stack.settings).claim_due(datetime.now(UTC))
     with session_scope(stack.settings.database()) as s:
         run = pipe_db.get_run(s, run_id)
         assert run.status == "skipped" and run.reason.startswith("missed")
+    # a running scheduler whose pass came late (slow webhooks, say) has missed nothing
+    late = Scheduler(stack.settings)
+    with time_machine.travel(due + timedelta(days=7, hours=2), tick=False):
+        late.started = datetime.now(UTC) - timedelta(days=1)  # it has run all along
+        [run_id] = late.claim_due(datetime.now(UTC))
+    with session_scope(stack.settings.database()) as s:
+        assert pipe_db.get_run(s, run_id).trigger == "schedule"
+    # a run its scheduler left mid-step is failed after a while, with the reason
+    with session_scope(stack.settings.database()) as s:
+        assert pipe_db.move_run(s, run_id, "pending", "starting")
+        pipe_db.get_run(s, run_id).status_changed_at = datetime.now(UTC) - timedelta(hours=1)
+    assert late.reap(datetime.now(UTC)) == [run_id]
+    with session_scope(stack.settings.database()) as s:
+        run = pipe_db.get_run(s, run_id)
+        assert run.status == "failed" and "stopped while the run was starting" in run.reason
 
 
 # ------------------------------------------------------------------ decisions
@@ -279,13 +302,30 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
         assert [(p["run_id"], p["action"], p["previous_run_id"]) for p in promos] == [
             (second[0], "promote", first[0]), (first[0], "promote", None)]
         back = api.post("/v1/pipelines/nightly/rollback")
-        assert back.status_code == 200 and back.json()["champion_run"] == first[0]
+        assert back.status_code == 202 and back.json()["champion_run"] == first[0]
+        assert alias.resolve().name == second[0]  # the scheduler switches it
+        sched.tick()
         assert alias.resolve().name == first[0]
+        assert api.get("/v1/pipelines/nightly").json()["champion_run_id"] == first[0]
         again = api.post("/v1/pipelines/nightly/rollback")
         assert again.status_code == 409 and "first champion" in again.json()["message"]
         runs = api.get("/v1/pipelines/nightly/runs").json()["data"]
         assert [r["decision"] for r in runs] == ["promoted", None, "kept", "kept", "kept",
                                                  "promoted"]
+    # two runs decided against the same champion: the second to switch must beat the first
+    a_id, a_job = _finished_run(settings, pid, reward=3.0, tax=0.1, spec=job_spec,
+                                at=t0 + timedelta(minutes=8))
+    b_id, b_job = _finished_run(settings, pid, reward=2.5, tax=0.1, spec=job_spec,
+                                at=t0 + timedelta(minutes=9))
+    sched.tick()  # both promoting
+    _export_done(settings, a_job)
+    _export_done(settings, b_job)
+    sched.tick()
+    with session_scope(settings.database()) as s:
+        a, b = pipe_db.get_run(s, a_id), pipe_db.get_run(s, b_id)
+        assert a.decision == "promoted" and b.decision == "kept"
+        assert f"run {a_id} was promoted while this one was exported" in b.reason
+    assert alias.resolve().name == a_id
     # the tax data changed (another budget): the champion is re-measured on the new data
     from service.db import jobs as job_db
     from service.status import JobStatus
@@ -298,7 +338,7 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
         run = pipe_db.get_run(s, run_id)
         assert run.status == "remeasuring"
         champ = job_db.get_job(s, run.champion_job_id)
-        assert champ.spec["aligned_model"] == str(roots[0] / "promoted" / "p" / first[0])
+        assert champ.spec["aligned_model"] == str(roots[0] / "promoted" / "p" / a_id)
         assert champ.spec["search"]["uniform_grid"] == [1.0] and champ.spec["tax"]["budget"] == 0.6
         # what a worker leaves: the α = 1 point (the champion's merge itself) on the new data
         job_db.set_status(s, champ.id, JobStatus.RUNNING)

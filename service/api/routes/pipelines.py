@@ -38,6 +38,12 @@ class PipelineOut(BaseModel):
     updated_at: datetime
 
 
+class PipelineCreated(PipelineOut):
+    webhook_secrets: dict[str, str] = Field(
+        {}, description="the secrets generated for hooks given without one, by URL: shown "
+        "once, here; keep them to verify the signatures")
+
+
 class RunOut(BaseModel):
     id: str
     pipeline_id: str
@@ -109,8 +115,13 @@ def _validated(raw: dict, settings, old: dict | None = None) -> PipelineSpec:
 
     from service.spec import spec_error_from_validation
 
+    from service.errors import SpecError
+
     stored = {h["url"]: h.get("secret") for h in (old or {}).get("webhooks", [])}
-    for hook in raw.get("webhooks") or []:
+    hooks = raw.get("webhooks") or []
+    if not isinstance(hooks, list):
+        raise SpecError("webhooks must be a list of {url, events, secret}", field="webhooks")
+    for hook in hooks:
         if isinstance(hook, dict) and not hook.get("secret") and stored.get(hook.get("url")):
             hook["secret"] = stored[hook["url"]]
         if isinstance(hook, dict):
@@ -123,7 +134,7 @@ def _validated(raw: dict, settings, old: dict | None = None) -> PipelineSpec:
     return spec
 
 
-@router.post("", status_code=201, response_model=PipelineOut, responses={
+@router.post("", status_code=201, response_model=PipelineCreated, responses={
     **ERRORS, 409: {"model": ErrorBody, "description": "a pipeline of that name exists"},
     422: {"model": ErrorBody, "description": "invalid spec (`field` names it): cron, time "
           "zone, sources, template"}})
@@ -132,11 +143,23 @@ def create(spec: Annotated[dict, Body(openapi_examples={"nightly": {
            caller: Operator, session: SessionDep, settings: SettingsDep):
     """Create a pipeline: a job-spec template, a cron schedule, the aligned checkpoint
     source (and optionally the base), the promote folder, webhooks."""
+    from sqlalchemy.exc import IntegrityError
+
+    from service.errors import ConflictError
+
+    hooks = spec.get("webhooks")
+    given = {h.get("url") for h in hooks if isinstance(h, dict) and h.get("secret")} if (
+        isinstance(hooks, list)) else set()
     checked = _validated(spec, settings)
-    p = pipe_db.create_pipeline(session, checked.model_dump(mode="json"), token_id=caller.id,
-                                created_by=caller.name)
-    session.commit()
-    return _out(p)
+    try:
+        p = pipe_db.create_pipeline(session, checked.model_dump(mode="json"),
+                                    token_id=caller.id, created_by=caller.name)
+        session.commit()
+    except IntegrityError:  # the same name, created at the same moment
+        session.rollback()
+        raise ConflictError(f"a pipeline named {checked.name!r} exists") from None
+    return PipelineCreated(**_out(p).model_dump(), webhook_secrets={
+        h.url: h.secret for h in checked.webhooks if h.url not in given})
 
 
 @router.get("", response_model=Page, responses=ERRORS)
@@ -240,11 +263,12 @@ def promotions(ref: str, _: Viewer, session: SessionDep):
                 count=len(rows))
 
 
-@router.post("/{ref}/rollback", responses={
+@router.post("/{ref}/rollback", status_code=202, responses={
     **ERRORS, 409: {"model": ErrorBody, "description": "no earlier champion"}})
 def rollback(ref: str, _: Operator, settings: SettingsDep) -> dict:
-    """Switch `current` back to the champion before the current one."""
-    return scheduler.rollback(settings, ref)
+    """Switch `current` back to the champion before the current one: the scheduler does it
+    on its next pass (it writes the promote folders); follow `champion_run_id`."""
+    return scheduler.request_rollback(settings, ref)
 
 
 @router.get("/{ref}/deliveries", response_model=Page, responses=ERRORS)
