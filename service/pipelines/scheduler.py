@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -179,14 +180,8 @@ class Scheduler:
         with session_scope(self.url) as s:
             if not pipe_db.move_run(s, run_id, "pending", "starting"):
                 return
-        try:
+        with self._failing(run_id, now):
             self._start(run_id, now)
-        except HmaoptError as exc:
-            self._fail(run_id, f"{exc}", now)
-        except BaseException as exc:
-            self._fail(run_id, f"internal error ({type(exc).__name__}; see the scheduler's "
-                       "log)", now)
-            raise
 
     def _start(self, run_id: str, now: datetime) -> None:
         with session_scope(self.url) as s:
@@ -265,18 +260,13 @@ class Scheduler:
                 return
             if not pipe_db.move_run(s, run_id, status, "deciding"):
                 return
-        try:
-            self.decide(run_id, now)
-        except DependencyUnavailableError as exc:  # Redis: decide again on the next pass
-            log.warning("pipeline run %s: %s; decided again on the next pass", run_id, exc)
-            with session_scope(self.url) as s:
-                pipe_db.move_run(s, run_id, "deciding", status)
-        except HmaoptError as exc:
-            self._fail(run_id, f"{exc}", now)
-        except BaseException as exc:
-            self._fail(run_id, f"internal error ({type(exc).__name__}; see the scheduler's "
-                       "log)", now)
-            raise
+        with self._failing(run_id, now):
+            try:
+                self.decide(run_id, now)
+            except DependencyUnavailableError as exc:  # Redis: decide again on the next pass
+                log.warning("pipeline run %s: %s; decided again on the next pass", run_id, exc)
+                with session_scope(self.url) as s:
+                    pipe_db.move_run(s, run_id, "deciding", status)
 
     def decide(self, run_id: str, now: datetime) -> None:
         with session_scope(self.url) as s:
@@ -383,14 +373,8 @@ class Scheduler:
                 return
             if not pipe_db.move_run(s, run_id, "promoting", "switching"):
                 return
-        try:
+        with self._failing(run_id, now, "promotion failed: ", expected=(HmaoptError, OSError)):
             self._switch(run_id, now)
-        except BaseException as exc:
-            reason = (f"{exc}" if isinstance(exc, HmaoptError | OSError) else
-                      f"internal error ({type(exc).__name__}; see the scheduler's log)")
-            self._fail(run_id, f"promotion failed: {reason}", now)
-            if not isinstance(exc, HmaoptError | OSError):
-                raise
 
     def _switch(self, run_id: str, now: datetime) -> None:
         with session_scope(self.url) as s:
@@ -428,6 +412,20 @@ class Scheduler:
             webhooks.emit(s, p, "run.finished", _run_data(run), run.id, now)
             webhooks.emit(s, p, "run.promoted", _run_data(run), run.id, now)
         log.info("pipeline run %s promoted: %s", run_id, run.promoted_dir)
+
+    @contextmanager
+    def _failing(self, run_id: str, now: datetime, prefix: str = "",
+                 expected: tuple[type[BaseException], ...] = (HmaoptError,)):
+        """A step that fails the run on any error: an expected one with its message,
+        anything else as an internal error (re-raised, so that the log has it)."""
+        try:
+            yield
+        except expected as exc:
+            self._fail(run_id, f"{prefix}{exc}", now)
+        except BaseException as exc:
+            self._fail(run_id, f"{prefix}internal error ({type(exc).__name__}; see the "
+                       "scheduler's log)", now)
+            raise
 
     def _skip(self, s, p: Pipeline, run: PipelineRun, reason: str, now: datetime) -> None:
         run.status, run.reason, run.finished_at = "skipped", reason, now
