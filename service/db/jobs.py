@@ -68,10 +68,18 @@ def list_jobs(session, *, status: list[str] | None = None, name: str | None = No
         like = f"%{q}%"
         stmt = stmt.where(or_(Job.name.ilike(like), Job.id.ilike(like),
                               Job.submitted_by.ilike(like)))
-    total = session.scalar(select(func.count()).select_from(stmt.subquery()))
-    rows = session.scalars(stmt.order_by(Job.created_at.desc(), Job.id)
-                           .limit(limit).offset(offset))
-    return list(rows), total
+    return _page(session, stmt, (Job.created_at.desc(), Job.id), limit, offset)
+
+
+def _page(session, stmt, order: tuple, limit: int, offset: int) -> tuple[list, int]:
+    """One page of ``stmt``'s rows and the count of them all, in the same statement (a
+    window over the matching rows), so that a row written meanwhile cannot make them
+    disagree; a page past the end counts apart."""
+    counted = stmt.add_columns(func.count().over().label("total"))
+    rows = session.execute(counted.order_by(*order).limit(limit).offset(offset)).all()
+    if rows:
+        return [r[0] for r in rows], rows[0][1]
+    return [], session.scalar(select(func.count()).select_from(stmt.subquery()))
 
 
 def set_status(session, job_id: str, status: JobStatus, *, expect: set[JobStatus] | None = None,
@@ -163,11 +171,9 @@ def list_trials(session, job_id: str, *, sort: str = "number", desc: bool = Fals
         stmt = stmt.where(Trial.kind == kind)
     if feasible is not None:
         stmt = stmt.where(Trial.feasible.is_(feasible))
-    total = session.scalar(select(func.count()).select_from(stmt.subquery()))
     column = TRIAL_SORTS[sort]
     order = column.desc().nulls_last() if desc else column.asc().nulls_last()
-    rows = session.scalars(stmt.order_by(order, Trial.number).limit(limit).offset(offset))
-    return list(rows), total
+    return _page(session, stmt, (order, Trial.number), limit, offset)
 
 
 def trial_points(session, job_id: str) -> list[tuple]:
