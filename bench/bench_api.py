@@ -194,6 +194,17 @@ class CpuMeter:
         }
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def percentile(sorted_vals: list[float], q: float) -> float:
     if not sorted_vals:
         return float("nan")
@@ -660,25 +671,14 @@ class Bench:
     def stop_worker(self) -> None:
         if self.worker is None:
             return
-        if self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-            try:
-                self.worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, signal.SIGKILL)
-                self.worker.wait()
+        _stop(self.worker)
         self.worker = None
 
     # teardown -----------------------------------------------------------------------------
     def teardown(self) -> None:
         self.stop_worker()
-        if self.server is not None and self.server.poll() is None:
-            os.killpg(self.server.pid, signal.SIGTERM)
-            try:
-                self.server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.server.pid, signal.SIGKILL)
-                self.server.wait()
+        if self.server is not None:
+            _stop(self.server)
         try:
             from service.db.session import dispose_engines
 

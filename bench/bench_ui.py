@@ -84,13 +84,6 @@ def trial_row(job_id: str, i: int, budget: float, rng: random.Random) -> dict:
         merge_seconds=rng.random() / 10, eval_seconds=rng.random(), worker_id="bench")
 
 
-def progress_of(job) -> dict:
-    """The job's progress fields of a trial event (workers/loop.py _record)."""
-    return {"trials_finished": job.trials_finished, "n_trials": job.n_trials,
-            "best_trial": job.best_trial, "best_reward": job.best_reward,
-            "best_tax": job.best_tax, "baseline_reward": job.baseline_reward, "gain": job.gain}
-
-
 def event_payload(row: dict, progress: dict) -> dict:
     """The worker's trial event: the row's columns, then the job's progress."""
     return {**{k: v for k, v in row.items() if k != "job_id"}, "finished_at": None, **progress}
@@ -119,7 +112,7 @@ class UiBench(Bench):
         with session_scope(self.db_url) as s:
             job_db.set_status(s, job_id, JobStatus.RUNNING)
             s.execute(insert(Trial), rows)
-            progress = progress_of(job_db.refresh_progress(s, job_id))
+            progress = job_db.progress(job_db.refresh_progress(s, job_id))
         pipe = self.redis.pipeline(transaction=False)
         key = queue.Keys.events(job_id)
         for row in rows:  # the final progress on every event: the size is what matters
@@ -137,7 +130,7 @@ class UiBench(Bench):
         row = trial_row(self.job_id, number, self.budget, self.rng)
         with session_scope(self.db_url) as s:
             job_db.add_trial(s, **row)
-            payload = event_payload(row, progress_of(job_db.refresh_progress(s, self.job_id)))
+            payload = event_payload(row, job_db.progress(job_db.refresh_progress(s, self.job_id)))
         queue.publish(self.settings, self.job_id, "trial", payload)
 
     @property

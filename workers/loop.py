@@ -490,11 +490,7 @@ class JobRun:
         row = _row(search, rec) | {"worker_id": self.worker.id}
         with session_scope(self.url) as session:
             job_db.add_trial(session, self.job_id, **row)
-            job = job_db.refresh_progress(session, self.job_id)
-            progress = {"trials_finished": job.trials_finished, "n_trials": job.n_trials,
-                        "best_trial": job.best_trial, "best_reward": job.best_reward,
-                        "best_tax": job.best_tax, "baseline_reward": job.baseline_reward,
-                        "gain": job.gain}
+            progress = job_db.progress(job_db.refresh_progress(session, self.job_id))
         log.info("worker %s: job %s trial %d %s reward %s tax %.4f ratio %s", self.worker.name,
                  self.job_id, rec.number, rec.kind, rec.reward, rec.tax, rec.ratios)
         self.publish("trial", jsonable({**row, "finished_at": None, **progress}))

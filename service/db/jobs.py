@@ -82,6 +82,13 @@ def _page(session, stmt, order: tuple, limit: int, offset: int) -> tuple[list, i
     return [], session.scalar(select(func.count()).select_from(stmt.subquery()))
 
 
+def progress(job: Job) -> dict:
+    """The job's progress fields that ride on every ``trial`` event."""
+    return {"trials_finished": job.trials_finished, "n_trials": job.n_trials,
+            "best_trial": job.best_trial, "best_reward": job.best_reward,
+            "best_tax": job.best_tax, "baseline_reward": job.baseline_reward, "gain": job.gain}
+
+
 def set_status(session, job_id: str, status: JobStatus, *, expect: set[JobStatus] | None = None,
                error: str | None = None, **fields) -> bool:
     """Move a job to ``status`` when its status is one of ``expect`` (atomic). True if moved."""

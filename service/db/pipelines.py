@@ -144,8 +144,8 @@ def last_processed(session, pipeline_id: str, *, exclude: str) -> PipelineRun | 
         .order_by(PipelineRun.created_at.desc()).limit(1))
 
 
-def stale_runs(session, statuses: tuple[str, ...], before: datetime) -> list[str]:
-    """Runs held in a transient status since before ``before`` (their scheduler stopped
-    mid-step)."""
-    return list(session.scalars(select(PipelineRun.id).where(
-        PipelineRun.status.in_(statuses), PipelineRun.status_changed_at < before)))
+def stale_runs(session, statuses: tuple[str, ...], before: datetime) -> list[tuple[str, str]]:
+    """(id, status) of the runs held in a transient status since before ``before`` (their
+    scheduler stopped mid-step)."""
+    return [tuple(r) for r in session.execute(select(PipelineRun.id, PipelineRun.status).where(
+        PipelineRun.status.in_(statuses), PipelineRun.status_changed_at < before))]

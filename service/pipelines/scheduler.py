@@ -98,12 +98,12 @@ class Scheduler:
 
         with session_scope(self.url) as s:
             stale = pipe_db.stale_runs(s, TRANSIENT, now - timedelta(seconds=STALE_SECONDS))
-        for run_id, old in ((r, st) for r in stale for st in TRANSIENT):
+        for run_id, old in stale:
             with session_scope(self.url) as s:
                 if pipe_db.move_run(s, run_id, old, "failed"):
                     self._fail(run_id, f"the scheduler stopped while the run was {old}; "
                                "trigger the pipeline again", now)
-        return stale
+        return [run_id for run_id, _ in stale]
 
     def rollbacks(self, now: datetime) -> None:
         """Carry out the rollbacks the API recorded (the scheduler may write the folders)."""
@@ -298,8 +298,7 @@ class Scheduler:
                 reason = (f"its holdout tax {run.holdout_tax:.4g} is over the budget {budget} "
                           f"(search tax {run.tax:.4g})")
             elif champion is not None:
-                champ_job = s.get(Job, champion.job_id)
-                same = all(champ_job.spec.get(k) == job.spec.get(k) for k in SAME_DATA_KEYS)
+                same = _same_data(s.get(Job, champion.job_id), job)
                 if same:
                     run.champion_reward = champion.reward
                 elif run.champion_job_id is None:  # measure the champion on this run's data
@@ -392,8 +391,7 @@ class Scheduler:
             if p.champion_run_id != run.champion_run_id:  # another run was promoted meanwhile
                 now_champ = s.get(PipelineRun, p.champion_run_id)
                 margin = PipelineSpec.model_validate(p.spec).promote.margin
-                same = all(s.get(Job, now_champ.job_id).spec.get(k) == job.spec.get(k)
-                           for k in SAME_DATA_KEYS)
+                same = _same_data(s.get(Job, now_champ.job_id), job)
                 if not same or not run.reward > now_champ.reward + margin:
                     run.status, run.decision, run.finished_at = "succeeded", "kept", now
                     run.reason = (f"run {now_champ.id} was promoted while this one was "
@@ -494,6 +492,11 @@ def switch_alias(target: Path) -> Path:
     tmp.symlink_to(target.name)  # relative: the folder can move as a whole
     os.replace(tmp, alias)
     return alias
+
+
+def _same_data(a: Job, b: Job) -> bool:
+    """Whether two jobs' rewards are comparable: the same reward and tax sections."""
+    return all(a.spec.get(k) == b.spec.get(k) for k in SAME_DATA_KEYS)
 
 
 def _num_layers(checkpoint: str | None) -> int | None:

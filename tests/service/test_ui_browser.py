@@ -109,11 +109,7 @@ def test_job_page_draws_and_follows_live_trials(browser, stack, tiny_spec):
     row = _trial(4, 5.0, 0.05)
     with session_scope(url) as s:
         job_db.add_trial(s, job["id"], **row)
-        j = job_db.refresh_progress(s, job["id"])
-        progress = {"trials_finished": j.trials_finished, "n_trials": j.n_trials,
-                    "best_trial": j.best_trial, "best_reward": j.best_reward,
-                    "best_tax": j.best_tax, "baseline_reward": j.baseline_reward,
-                    "gain": j.gain}
+        progress = job_db.progress(job_db.refresh_progress(s, job["id"]))
     queue.publish(stack.settings, job["id"], "trial", jsonable({**row, **progress}))
     page.wait_for_selector("#trials tbody tr[data-trial='4']", timeout=10_000)
     page.wait_for_function("() => document.getElementById('scatter').data[0].x.length === 3")
