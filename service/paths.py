@@ -2,8 +2,9 @@
 
 A job submitted to the server may only read models under ``HMAOPT_MODEL_ROOTS`` and data
 under ``HMAOPT_DATA_ROOTS``, and write its export under the model roots. Paths are resolved
-with symlinks followed (``realpath``), so a link inside a root that points outside is refused.
-Relative paths are looked up in each root in turn.
+with symlinks followed (``realpath``), so a link inside a root that points outside is refused,
+and so is a model folder holding such a link (a shard or tokenizer file linked from
+elsewhere). Relative paths are looked up in each root in turn.
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = 
     return str(path)
 
 
+def check_folder(field: str, folder: str, roots: list[Path], *, kind: str = "model") -> None:
+    """Every entry below ``folder`` (walked without following links) resolves inside
+    ``roots``: a model folder in a root cannot pull a shard, a tokenizer or a config from
+    outside through a symlink. The message names the entry, not where it points."""
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    for here, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            entry = Path(here) / name
+            if entry.is_symlink() and not _inside(Path(os.path.realpath(entry)), real_roots):
+                raise PathNotAllowedError(
+                    f"{field}: {entry} is a link that resolves outside the allowed {kind} "
+                    f"roots (HMAOPT_{kind.upper()}_ROOTS); copy the file into the folder")
+
+
 def check_output(field: str, out: str, spec: JobSpec) -> None:
     """An export folder may neither hold nor lie inside one of the job's input models."""
     target = Path(out)
@@ -81,7 +96,10 @@ def resolve_job_paths(spec: JobSpec, settings: Settings) -> JobSpec:
 
     def resolve(field: str, raw: str) -> str:
         roots = settings.model_roots if field in MODEL_FIELDS else settings.data_roots
-        return resolve_path(field, raw, roots)
+        path = resolve_path(field, raw, roots)
+        if field in MODEL_FIELDS and os.path.isdir(path):
+            check_folder(field, path, roots)
+        return path
 
     resolved = spec.with_paths(resolve)
     if spec.export is not None:

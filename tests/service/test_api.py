@@ -141,6 +141,22 @@ def test_paths_outside_roots_are_refused(stack, tiny_spec, tmp_path):
             spec["export"] = {"dir": bad}  # a root itself, or an input model: never
             r = c.post("/v1/jobs", json=spec)
             assert r.status_code == 403 and "export.dir" in r.json()["message"], (bad, r.text)
+        # a model folder whose files are links: inside the roots is fine, one outside is not
+        linked = models / "linked"
+        linked.mkdir()
+        for f in (models / "base").iterdir():
+            (linked / f.name).symlink_to(f)
+        spec = json.loads(json.dumps(tiny_spec))
+        spec["base_model"] = str(linked)
+        assert c.post("/v1/jobs", json=spec).status_code == 201
+        (linked / "config.json").unlink()
+        (outside / "config.json").write_text((models / "base" / "config.json").read_text())
+        (linked / "config.json").symlink_to(outside / "config.json")
+        r = c.post("/v1/jobs", json=spec)
+        assert r.status_code == 403, r.text
+        message = r.json()["message"]
+        assert message.startswith("base_model: ") and "linked/config.json is a link" in message
+        assert str(outside) not in message, message
         # a relative path inside the roots resolves there
         spec = json.loads(json.dumps(tiny_spec))
         spec["base_model"] = "base"
