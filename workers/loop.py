@@ -217,12 +217,18 @@ def _recover(settings: Settings, wid: str, name: str, job_id: str) -> None:
     with session_scope(url) as session:
         job = job_db.get_job(session, job_id)
         enqueue = not JobStatus(job.status).terminal
+        others = [w for w in worker_db.alive(session, job_id=job_id) if w.id != wid]
+        orphaned = job.export_status == "running" and not others
+        lost_export = f"the worker exporting it ({name}) died; export again"
+        if orphaned:  # it died exporting: nobody else will finish it
+            job.export_status, job.export_error = "failed", lost_export
         if enqueue:
             if job.finalizer == wid:  # it died writing the result: another worker will
                 job.finalizer = None
-            others = [w for w in worker_db.alive(session, job_id=job_id) if w.id != wid]
             if not others:
                 job_db.set_status(session, job_id, JobStatus.QUEUED, expect={JobStatus.RUNNING})
+    if orphaned:
+        queue.publish(settings, job_id, "export", {"status": "failed", "error": lost_export})
     if enqueue:
         queue.publish(settings, job_id, "worker_lost", {"worker": name, "failed_trials": failed})
         queue.enqueue_runs(settings, job_id, 1)
@@ -512,10 +518,26 @@ def _row(search, rec) -> dict:
 
 def export_job(job_id: str, out_dir: str, overwrite: bool = False) -> str:
     """Write the best merge of a finished job as a checkpoint with its manifest."""
-    from service.spec import JobSpec
+    settings = get_settings()
+    worker = current_worker()
+    held = worker.job_id  # the job's own run when it exports at its end
+    worker.job_id = job_id
+    worker.heartbeat()  # the worker row names the job: if it dies, recovery fails the export
+    try:
+        return _export(settings, job_id, out_dir, overwrite)
+    finally:
+        worker.job_id = held
+        if held is None:
+            try:
+                worker.heartbeat()
+            except Exception as exc:
+                log.warning("worker %s: heartbeat after the export of job %s: %s",
+                            worker.name, job_id, exc)
+
+
+def _export(settings: Settings, job_id: str, out_dir: str, overwrite: bool) -> str:
     from workers.export import export_merge
 
-    settings = get_settings()
     url = settings.database()
     with session_scope(url) as session:
         job = job_db.get_job(session, job_id)

