@@ -312,6 +312,22 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
         runs = api.get("/v1/pipelines/nightly/runs").json()["data"]
         assert [r["decision"] for r in runs] == ["promoted", None, "kept", "kept", "kept",
                                                  "promoted"]
+    # a better run whose export worker died (the recovery marks the export failed): the run
+    # fails with that reason instead of staying promoting, and the alias stays
+    lost_id, lost_job = _finished_run(settings, pid, reward=9.0, tax=0.1, spec=job_spec,
+                                      at=t0 + timedelta(minutes=20))
+    sched.tick()
+    from service.db.models import Job
+
+    with session_scope(settings.database()) as s:
+        assert pipe_db.get_run(s, lost_id).status == "promoting"
+        job = s.get(Job, lost_job)
+        job.export_status, job.export_error = "failed", "the worker exporting it (w) died"
+    sched.tick()
+    with session_scope(settings.database()) as s:
+        lost = pipe_db.get_run(s, lost_id)
+        assert lost.status == "failed" and "the worker exporting it (w) died" in lost.reason
+    assert alias.resolve().name == first[0]
     # two runs decided against the same champion: the second to switch must beat the first
     a_id, a_job = _finished_run(settings, pid, reward=3.0, tax=0.1, spec=job_spec,
                                 at=t0 + timedelta(minutes=8))
