@@ -209,6 +209,12 @@ class SearchSpec(BaseModel):
         description="ratio vectors by slot (e.g. {\"block0\": 0.4, \"block1\": 0.7}) run right "
                     "after the uniform baseline, before the sampler's own trials: the best of an "
                     "earlier search (nightly pipelines set it); kind 'warm'")
+    warm_start_refine: int = Field(
+        0, ge=0, le=10,
+        description="after the warm_start vectors, up to this many trials more on the ray of "
+                    "the first one (its ratios times a scale), each at the scale where the tax "
+                    "meets the budget by the secant through the scales tried (kind 'warm'); "
+                    "ignored with mean_ratio")
 
     @model_validator(mode="after")
     def _grid(self) -> SearchSpec:

@@ -450,6 +450,7 @@ class JobRun:
             study = search.study
             if study._storage.get_n_trials(study._study_id, live) >= search.spec.search.n_trials:
                 return None
+            search.refine_warm_start()
             trial = study.ask()
             trial.set_user_attr("worker", self.worker.id)
         log.debug("worker %s: job %s trial %d", self.worker.name, self.job_id, trial.number)

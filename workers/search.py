@@ -16,11 +16,17 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
 - Samplers: tpe (default, multivariate), gp, cmaes, nsga2, random, all seeded. TPE, GP and
   NSGA-II use the constraint; CMA-ES ignores Optuna constraints, so it is told the reward
   minus a penalty proportional to the excess tax (the ``reward`` attribute stays true).
+- Warm start: ``search.warm_start`` vectors run right after the baseline; with
+  ``warm_start_refine`` the worker then steps along the first vector's ray (ratios times a
+  scale) to where the tax meets the budget (:meth:`Search.refine_warm_start`, called before
+  each ask), since the best reward usually sits at the budget.
 - Every trial's user attributes: ``kind`` (uniform | search | warm), ``ratios`` (by slot),
   ``reward``, ``tax``, ``feasible``, ``metrics`` and ``task_tax`` (per task), ``stage``
   (1 = pruned after stage 1, 2 = complete), ``merge_seconds``, ``eval_seconds``; a uniform
-  trial also ``uniform_ratio``. The study's user attributes hold the job (``hmaopt``) and,
-  at the end, the ``result`` (best, baseline, gain, holdout figures).
+  trial also ``uniform_ratio``; a warm trial ``warm_start`` (the vector as given) and, on
+  the refined ray, ``ray_scale`` (and ``refine`` for the steps). The study's user
+  attributes hold the job (``hmaopt``) and, at the end, the ``result`` (best, baseline,
+  gain, holdout figures).
 - After the search the best feasible ratio vector and the best feasible uniform α are
   re-measured on the holdout data.
 """
@@ -46,6 +52,11 @@ log = logging.getLogger(__name__)
 STUDY_PREFIX = "hmaopt"
 #: CMA-ES only: penalty per unit of excess tax, in units of the baseline's reward spread
 CMAES_PENALTY = 10.0
+#: warm-start ray: a vector within this (per slot) of scale x the first vector lies on its ray
+RAY_TOLERANCE = 1e-4
+#: warm-start ray: stop refining once a feasible scale's tax is within this share of the
+#: budget, or the feasible and infeasible scales are this close
+RAY_CLOSE = 0.005
 
 
 def study_name(key: str) -> str:
@@ -197,6 +208,7 @@ class Search:
                 raise ConflictError(f"study {self.name!r} was run with another {', '.join(changed)}: "
                                     "a resumed study must keep them; start a new study (--study)")
         self.study.set_user_attr("hmaopt", job)
+        self._ray_done = False
         self._enqueue_baseline()
         self._enqueue_warm_start()
 
@@ -236,15 +248,89 @@ class Search:
             states += (TrialState.RUNNING,)
         done = [t.user_attrs.get("warm_start")
                 for t in self.study.get_trials(deepcopy=False, states=states)
-                if t.user_attrs.get("kind") == "warm"]
+                if t.user_attrs.get("kind") == "warm" and not t.user_attrs.get("refine")]
+        ray = self._ray()
         for ratios in warm:
             vector = [float(ratios[s]) for s in self.slots]
             if vector in done:
                 done.remove(vector)
                 continue
-            params = dict(zip(self.space.param_names(),
-                              [min(max(v, self.space.low), self.space.high) for v in vector]))
-            self.study.enqueue_trial(params, user_attrs={"kind": "warm", "warm_start": vector})
+            attrs = {"kind": "warm", "warm_start": vector}
+            scale = _scale_on(ray, vector) if ray else None
+            if scale is not None:
+                attrs["ray_scale"] = scale
+            self.study.enqueue_trial(self._clipped(vector), user_attrs=attrs)
+
+    def _clipped(self, vector: Sequence[float]) -> dict[str, float]:
+        return dict(zip(self.space.param_names(),
+                        [min(max(v, self.space.low), self.space.high) for v in vector]))
+
+    def _ray(self) -> list[float] | None:
+        """The first warm-start vector when its ray is to be refined, else None."""
+        s = self.spec.search
+        if not s.warm_start or not s.warm_start_refine or self.spec.mean_ratio is not None:
+            return None
+        return [float(s.warm_start[0][slot]) for slot in self.slots]
+
+    def refine_warm_start(self) -> float | None:
+        """Enqueue the next point on the first warm-start vector's ray when one is due (call it
+        before asking; under the service's ask lock): the scale where the tax meets the budget,
+        by the secant through the feasible scale closest under it (or scale 0, the base model,
+        tax 0) and the infeasible one closest over it; without an infeasible one, extrapolated
+        from the two highest feasible ones, up to the ratio bounds. One point at a time, after
+        every point on the ray has finished; at most ``warm_start_refine``; none once a feasible
+        point is within ``RAY_CLOSE`` of the budget. Returns the scale enqueued."""
+        from optuna.trial import TrialState
+
+        ray = self._ray()
+        if self._ray_done or ray is None or not any(v > 0 for v in ray):
+            return None
+        on_ray = [t for t in self.study.get_trials(deepcopy=False)
+                  if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL]
+        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
+            return None
+        scale = self._next_scale(ray, on_ray)
+        if scale is None:  # for good: this process stops looking (it reads every trial)
+            self._ray_done = True
+            return None
+        vector = [v * scale for v in ray]
+        self.study.enqueue_trial(self._clipped(vector), user_attrs={
+            "kind": "warm", "warm_start": vector, "ray_scale": scale, "refine": True})
+        log.info("search %s: warm-start ray refined at scale %.4f", self.name, scale)
+        return scale
+
+    def _next_scale(self, ray: list[float], on_ray: list) -> float | None:
+        if sum(bool(t.user_attrs.get("refine")) for t in on_ray) >= \
+                self.spec.search.warm_start_refine:
+            return None
+        budget = self.spec.tax.budget
+        measured = {(t.user_attrs["ray_scale"], t.user_attrs["tax"]) for t in on_ray
+                    if "tax" in t.user_attrs}
+        if not measured:  # its points failed (and do not run again)
+            return None
+        points = sorted(measured | {(0.0, 0.0)})
+        feasible = [p for p in points if p[1] <= budget]
+        over = [p for p in points if p[1] > budget]
+        lo = max(feasible)
+        if budget - lo[1] <= RAY_CLOSE * budget:
+            return None
+        cap = min(self.space.high / v for v in ray if v > 0)
+        if over:
+            hi = min(over)
+            if hi[0] - lo[0] <= RAY_CLOSE:
+                return None
+            scale = lo[0] + (budget - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+            margin = 0.1 * (hi[0] - lo[0])  # stay inside the bracket
+            scale = min(max(scale, lo[0] + margin), hi[0] - margin)
+        else:
+            below = feasible[-2]
+            rise, run = lo[1] - below[1], lo[0] - below[0]
+            scale = cap
+            if rise > 0 and run > 0:
+                scale = min(cap, lo[0] + (budget - lo[1]) * run / rise)
+            if scale - lo[0] <= RAY_CLOSE:
+                return None
+        return scale
 
     def finished(self) -> int:
         from optuna.trial import TrialState
@@ -258,7 +344,9 @@ class Search:
         """Ask (unless given an asked ``trial``), merge, evaluate, tell: one trial."""
         from optuna.trial import TrialState
 
-        trial = trial if trial is not None else self.study.ask()
+        if trial is None:
+            self.refine_warm_start()
+            trial = self.study.ask()
         kind = trial.user_attrs.get("kind", "search")
         spec = self.spec
         budget = spec.tax.budget
@@ -454,6 +542,17 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
     say("re-measuring the best ratios and the best uniform ratio on the holdout data")
     return search.result(base_cached=cached, base_seconds=base_seconds,
                          total_seconds=time.perf_counter() - started)
+
+
+def _scale_on(ray: Sequence[float], vector: Sequence[float]) -> float | None:
+    """The scale s with ``vector`` = s x ``ray`` (within RAY_TOLERANCE per slot), else None."""
+    norm = sum(v * v for v in ray)
+    if norm == 0:
+        return None
+    scale = sum(v * w for v, w in zip(ray, vector)) / norm
+    if all(abs(w - scale * v) <= RAY_TOLERANCE for v, w in zip(ray, vector)):
+        return scale
+    return None
 
 
 def _bar(total: int, initial: int, enabled: bool):

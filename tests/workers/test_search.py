@@ -160,6 +160,67 @@ def test_warm_start_vectors_run_right_after_the_baseline(tiny, tmp_path):
     assert not s.study.get_trials(states=(TrialState.WAITING,))
 
 
+def test_warm_start_ray_is_refined_toward_the_budget(tiny):
+    """The secant between the scales on both sides of the budget, then within the new bracket;
+    extrapolated up to the ratio bounds when every scale is under it; none once close."""
+    v = {"block0": 0.8, "block1": 0.6}
+    spec = {**tiny, "tax": {**tiny["tax"], "budget": 0.1},
+            "search": {**tiny["search"], "n_trials": 10, "warm_start_refine": 2,
+                       "warm_start": [v, {k: x / 2 for k, x in v.items()}]}}
+
+    def tell_next(s, tax):  # finish the next waiting trial as if it measured ``tax``
+        trial = s.study.ask()
+        s.space.suggest(trial)  # the enqueued ratios become its params
+        trial.set_user_attr("tax", tax)
+        s.study.tell(trial, 0.0)
+        return trial
+
+    def ray_after(taxes):
+        s = _search(spec)
+        for _ in range(3):  # the uniform grid
+            tell_next(s, 0.0)
+        for tax in taxes:  # the warm vectors: scale 1, then 0.5
+            assert s.refine_warm_start() is None  # not before the ray's points are done
+            tell_next(s, tax)
+        return s
+
+    s = ray_after([0.2, 0.05])
+    assert s.refine_warm_start() == pytest.approx(0.5 + 0.05 * 0.5 / 0.15)
+    assert s.refine_warm_start() is None  # one at a time
+    first = tell_next(s, 0.09)
+    assert first.user_attrs["refine"] and first.user_attrs["kind"] == "warm"
+    assert [first.params["ratio_0"], first.params["ratio_1"]] == pytest.approx(
+        [0.8 * 2 / 3, 0.6 * 2 / 3])
+    second = s.refine_warm_start()
+    # the secant (2/3 + 0.01 (1/3) / 0.11 = 0.697) is held a tenth of the bracket inside it
+    assert second == pytest.approx(2 / 3 + 0.1 * (1 / 3))
+    tell_next(s, 0.0999)
+    assert s.refine_warm_start() is None  # warm_start_refine: 2 done
+
+    s = ray_after([0.06, 0.03])  # under the budget all along: up to the bounds (1 / 0.8)
+    assert s.refine_warm_start() == pytest.approx(1.25)
+    s = ray_after([0.0996, 0.05])  # within 0.5 % of the budget already: nothing to refine
+    assert s.refine_warm_start() is None
+    s = ray_after([0.5, 0.3])  # both over: between the base (scale 0, tax 0) and scale 0.5
+    assert s.refine_warm_start() == pytest.approx(0.5 * 0.1 / 0.3)
+
+
+def test_warm_start_refine_runs_after_the_warm_vectors(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    v = {"block0": 0.8, "block1": 0.6}
+    spec = {**tiny, "search": {**tiny["search"], "n_trials": 7, "warm_start_refine": 3,
+                               "warm_start": [v, {k: x / 2 for k, x in v.items()}]}}
+    run_search(JobSpec.model_validate(spec), storage=url, cache_dir=tmp_path)
+    trials = optuna.load_study(study_name="hmaopt:tiny", storage=url).get_trials()
+    kinds = [(t.user_attrs["kind"], t.user_attrs.get("ray_scale")) for t in trials]
+    assert kinds[:5] == [("uniform", None)] * 3 + [("warm", 1.0), ("warm", 0.5)]
+    # this tiny pair taxes less at scale 1 than at 0.5, far under its budget: the ray goes
+    # up to the ratio bounds (scale 1 / 0.8) once, and then has nowhere further to go
+    assert kinds[5] == ("warm", pytest.approx(1.25)) and trials[5].user_attrs["refine"]
+    assert list(trials[5].user_attrs["ratios"].values()) == pytest.approx([1.0, 0.75])
+    assert kinds[6][0] == "search"
+
+
 def test_warm_start_with_other_slots_is_a_clear_error(tiny):
     spec = {**tiny, "search": {**tiny["search"], "warm_start": [{"layer0": 0.5}]}}
     with pytest.raises(SpecError, match="warm_start names slots") as err:
