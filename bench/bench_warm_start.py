@@ -11,8 +11,10 @@ What a nightly pipeline does, on real models:
    feasible uniform α (what the previous night's job stored).
 3. On (base, aligned2), seeds 0..S-1: a cold search (the world spec) and a warm one, built
    by the pipelines' own ``apply_warm_start``: ``search.warm_start`` = A's best ratios times
-   each of ``--scales`` (default 1, 0.95, 0.9, the pipelines' default), and A's best uniform
-   α added to ``search.uniform_grid`` when missing. Each
+   each of ``--scales`` (default 1, 0.95, 0.9, the pipelines' default), then up to
+   ``--refine`` trials on that ray toward the budget (``search.warm_start_refine``; default
+   the pipelines' ``warm_start_refine``), and A's best uniform α added to
+   ``search.uniform_grid`` when missing. Each
    search has its own SQLite study in a temp folder; θ_base figures come from the cache.
 4. Trials needed: the 1-based trial number at which the best feasible reward so far first
    reaches T = R* - 0.01 (R* - R0), 99 % of the way from R0 (the reward of the uniform α = 0
@@ -23,6 +25,7 @@ What a nightly pipeline does, on real models:
 
     python bench/bench_warm_start.py [--world DIR] [--seeds 5] [--trials N] [--json FILE]
                                      [--align2-steps N] [--align2-seed 100] [--scales 1 .95 .9]
+                                     [--refine N]
 
 Ratios are the weight on the ALIGNED model: merged = base + α (aligned - base).
 """
@@ -173,6 +176,9 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.95, 0.9],
                     help="warm start: A's best ratios times each of these (the pipelines' "
                     "warm_start_scales default)")
+    ap.add_argument("--refine", type=int, default=None,
+                    help="warm start: trials on the previous best's ray toward the budget "
+                    "(default: the pipelines' warm_start_refine)")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
@@ -180,7 +186,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from service.settings import get_settings
-    from service.pipelines.spec import apply_warm_start
+    from service.pipelines.spec import PipelineSpec, apply_warm_start
     from service.spec import JobSpec, load_spec
     from workers.search import run_search
     from workers.world import ensure_world
@@ -204,6 +210,8 @@ def main() -> None:
               f"text ppl {s['text']:.3f}")
 
     world_spec = load_spec(world / "spec.yaml")
+    refine = (args.refine if args.refine is not None
+              else PipelineSpec.model_fields["warm_start_refine"].default)
     n_trials = args.trials or world_spec.search.n_trials
 
     def make_spec(*, aligned: Path | None = None, seed: int, warm: dict | None = None,
@@ -213,7 +221,7 @@ def main() -> None:
             data["aligned_model"] = str(aligned)
         data["search"].update(seed=seed, n_trials=n_trials)
         if warm is not None:  # what the pipeline scheduler does
-            data = apply_warm_start(data, warm, uniform, args.scales)
+            data = apply_warm_start(data, warm, uniform, args.scales, refine)
         spec = JobSpec.model_validate(data)
         spec.check()
         return spec
@@ -365,7 +373,8 @@ def main() -> None:
         "trials": n_trials, "seeds": args.seeds, "budget": world_spec.tax.budget,
         "ratio_convention": "ratio = weight on the aligned model",
         "run_a": {"result": a, "seconds": sec_a},
-        "warm_start": {"ratios": warm_ratios, "uniform": warm_uniform,
+        "warm_start": {"ratios": warm_ratios, "uniform": warm_uniform, "scales": args.scales,
+                       "refine": refine,
                        "grid_cold": cold_grid, "grid_warm": warm_grid},
         "r0": r0, "r_star": r_star, "threshold": threshold,
         "per_seed": per_seed,

@@ -214,7 +214,7 @@ class Scheduler:
             warm = self._warm_start(s, p, spec, run) if spec.warm_start else None
             if warm:
                 job_spec = apply_warm_start(job_spec, warm["ratios"], warm["uniform"],
-                                            spec.warm_start_scales)
+                                            spec.warm_start_scales, spec.warm_start_refine)
             job = JobSpec.model_validate(job_spec)
             job.check()
             resolved = resolve_job_paths(job, self.settings)

@@ -138,6 +138,11 @@ class PipelineSpec(BaseModel):
         description="the previous best ratios are enqueued times each of these (a scale "
         "under 1 moves toward the base model, lowering the tax: the previous best often sits "
         "at the budget, and a new checkpoint may push it over)")
+    warm_start_refine: int = Field(
+        3, ge=0, le=10,
+        description="then up to this many trials more on the previous best's ray (its ratios "
+        "times a scale), each where the secant through the scales tried puts the tax at the "
+        "budget (search.warm_start_refine)")
 
     @field_validator("warm_start_scales")
     @classmethod
@@ -157,10 +162,11 @@ class PipelineSpec(BaseModel):
 
 
 def apply_warm_start(job: dict, ratios: dict[str, float], uniform: float | None,
-                     scales: list[float]) -> dict:
+                     scales: list[float], refine: int = 0) -> dict:
     """A job-spec dict warm started from an earlier search's best: ``ratios`` times each of
-    ``scales`` run first after the uniform baseline (``search.warm_start``), and the earlier
-    best uniform α joins the grid when missing."""
+    ``scales`` run first after the uniform baseline (``search.warm_start``), then up to
+    ``refine`` trials on their ray toward the budget (``search.warm_start_refine``); the
+    earlier best uniform α joins the grid when missing."""
     job = {**job, "search": dict(job.get("search") or {})}
     search = job["search"]
     vectors = []
@@ -169,6 +175,7 @@ def apply_warm_start(job: dict, ratios: dict[str, float], uniform: float | None,
         if v not in vectors:
             vectors.append(v)
     search["warm_start"] = vectors + (search.get("warm_start") or [])
+    search["warm_start_refine"] = refine
     if uniform is not None:
         grid = JobSpec.model_validate(job).uniform_grid()
         if uniform not in grid:

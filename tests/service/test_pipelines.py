@@ -82,7 +82,8 @@ def test_warm_start_scales_the_previous_best_and_adds_its_uniform_alpha(tiny_spe
 
     job = {**tiny_spec, "search": {**tiny_spec["search"], "warm_start": [{"block0": 0.1,
                                                                           "block1": 0.1}]}}
-    out = apply_warm_start(job, {"block0": 0.5, "block1": 0.8}, 0.25, [1.0, 0.9, 0.9])
+    out = apply_warm_start(job, {"block0": 0.5, "block1": 0.8}, 0.25, [1.0, 0.9, 0.9], 2)
+    assert out["search"]["warm_start_refine"] == 2
     assert out["search"]["warm_start"] == [{"block0": 0.5, "block1": 0.8},
                                            {"block0": 0.45, "block1": 0.72},
                                            {"block0": 0.1, "block1": 0.1}]
@@ -450,7 +451,7 @@ def _world_job(world: Path, roots) -> dict:
                           prompts=spec["reward"]["prompts"].replace("data/", f"{data}/world/"))
     for task in spec["tax"]["tasks"]:
         task["data"] = task["data"].replace("data/", f"{data}/world/")
-    spec["search"]["n_trials"] = 15  # 11 uniform points, then 4 (or 3 warm + 1)
+    spec["search"]["n_trials"] = 15  # 11 uniform points, then 4 (or 3 warm + 1 more)
     return spec
 
 
@@ -523,8 +524,14 @@ def test_nightly_run_end_to_end_with_a_worker(pg_stack, world, roots):
         expected = [{k: pytest.approx(v * scale, abs=1e-6) for k, v in best1.items()}
                     for scale in (1.0, 0.95, 0.9)]
         assert job3.spec["search"]["warm_start"] == expected
-        warm = [t for t in job_db.list_trials(s, job3.id, limit=100)[0] if t.kind == "warm"]
-        assert sorted((t.ratios for t in warm), key=lambda r: -sum(r.values())) == expected
+        assert job3.spec["search"]["warm_start_refine"] == 3  # the pipelines' default
+        warm = sorted((t for t in job_db.list_trials(s, job3.id, limit=100)[0]
+                       if t.kind == "warm"), key=lambda t: t.number)
+        assert [t.ratios for t in warm[:3]] == expected
+        slot = next(k for k, v in best1.items() if v > 0)
+        for t in warm[3:]:  # steps along the previous best's ray toward the budget
+            scale = t.ratios[slot] / best1[slot]
+            assert t.ratios == {k: pytest.approx(v * scale, abs=1e-6) for k, v in best1.items()}
 
 
 def _cli(stack, *argv: str, timeout: float = 60):
