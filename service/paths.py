@@ -63,17 +63,43 @@ def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = 
 
 
 def check_folder(field: str, folder: str, roots: list[Path], *, kind: str = "model") -> None:
-    """Every entry below ``folder`` (walked without following links) resolves inside
-    ``roots``: a model folder in a root cannot pull a shard, a tokenizer or a config from
-    outside through a symlink. The message names the entry, not where it points."""
+    """Every entry below ``folder`` resolves inside ``roots`` (linked folders are walked too,
+    each once), and a weight index names its shards by plain file names: a model folder in a
+    root cannot pull a shard, a tokenizer or a config from outside. Messages name the entry,
+    not where it points."""
+    import json
+
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    for here, dirs, files in os.walk(folder):
+    setting = f"HMAOPT_{kind.upper()}_ROOTS"
+
+    def unreadable(exc: OSError) -> None:
+        raise PathNotAllowedError(f"{field}: {exc.filename} cannot be read ({exc.strerror})")
+
+    seen: set[str] = set()
+    for here, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        real_here = os.path.realpath(here)
+        if real_here in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real_here)
         for name in dirs + files:
             entry = Path(here) / name
-            if entry.is_symlink() and not _inside(Path(os.path.realpath(entry)), real_roots):
+            if not _inside(Path(os.path.realpath(entry)), real_roots):
                 raise PathNotAllowedError(
                     f"{field}: {entry} is a link that resolves outside the allowed {kind} "
-                    f"roots (HMAOPT_{kind.upper()}_ROOTS); copy the file into the folder")
+                    f"roots ({setting}); copy the file into the folder")
+        for name in files:
+            if name.endswith(".index.json"):
+                try:
+                    shards = json.loads((Path(here) / name).read_text()).get("weight_map", {})
+                except (OSError, ValueError, AttributeError):
+                    continue  # not an index we read; the loader reports what is wrong
+                bad = [f for f in (shards.values() if isinstance(shards, dict) else [])
+                       if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
+                if bad:
+                    raise PathNotAllowedError(
+                        f"{field}: {Path(here) / name} names shards outside its folder "
+                        f"({', '.join(map(str, bad[:3]))}); shards are plain file names")
 
 
 def check_output(field: str, out: str, spec: JobSpec) -> None:

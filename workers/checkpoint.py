@@ -320,6 +320,12 @@ def _weight_files(folder: Path, index_name: str, single_name: str) -> list[Path]
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{folder / index_name} has no weight_map")
+        outside = [f for f in weight_map.values()
+                   if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
+        if outside:
+            raise CheckpointError(f"{folder / index_name} names shards outside its folder "
+                                  f"({', '.join(map(str, outside[:3]))}); shards are plain "
+                                  "file names")
         files = [folder / f for f in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -157,6 +157,21 @@ def test_paths_outside_roots_are_refused(stack, tiny_spec, tmp_path):
         message = r.json()["message"]
         assert message.startswith("base_model: ") and "linked/config.json is a link" in message
         assert str(outside) not in message, message
+        # a linked folder inside the roots is walked too, and a weight index may name plain
+        # file names only (a shard path is joined onto the folder when loaded)
+        (linked / "config.json").unlink()
+        (linked / "config.json").symlink_to(models / "base" / "config.json")
+        hidden = models / "hidden"
+        hidden.mkdir()
+        (hidden / "secret.json").symlink_to(outside / "config.json")
+        (linked / "extra").symlink_to(hidden)
+        r = c.post("/v1/jobs", json=spec)
+        assert r.status_code == 403 and "linked/extra/secret.json is a link" in r.text, r.text
+        (linked / "extra").unlink()
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere/x.safetensors"}}
+        (linked / "model.safetensors.index.json").write_text(json.dumps(index))
+        r = c.post("/v1/jobs", json=spec)
+        assert r.status_code == 403 and "names shards outside its folder" in r.text, r.text
         # a relative path inside the roots resolves there
         spec = json.loads(json.dumps(tiny_spec))
         spec["base_model"] = "base"

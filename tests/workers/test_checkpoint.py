@@ -38,6 +38,19 @@ def test_reads_sharded_checkpoint(tmp_path):
     assert all(torch.equal(ckpt.read(n), t) for n, t in ref.items())
 
 
+def test_an_index_naming_shards_outside_its_folder_is_refused(tmp_path):
+    folder = make_tiny(tmp_path / "sharded", "qwen2", max_shard_size="20KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = next(iter(index["weight_map"].values()))
+    (tmp_path / "elsewhere.safetensors").write_bytes((folder / shard).read_bytes())
+    for bad in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors")):
+        index["weight_map"] = dict.fromkeys(index["weight_map"], bad)
+        index_file.write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="names shards outside its folder"):
+            Checkpoint.open(folder)
+
+
 def test_mismatch_names_the_differences(tmp_path, llama_pair):
     base, _ = llama_pair
     fewer_layers = make_tiny(tmp_path / "l3", "llama", num_hidden_layers=3, tie_word_embeddings=False)
