@@ -558,13 +558,25 @@ def _export(settings: Settings, job_id: str, out_dir: str, overwrite: bool) -> s
                               allow_pickle=settings.allow_pickle, overwrite=overwrite)
     except Exception as exc:  # recorded for the caller; the worker goes on
         log.error("job %s: export to %s failed: %s", job_id, out_dir, exc)
-        with session_scope(url) as session:
-            job = job_db.get_job(session, job_id)
-            job.export_status, job.export_error = "failed", str(exc)
-        queue.publish(settings, job_id, "export", {"status": "failed", "error": str(exc)})
+        if _finish_export(url, job_id, out_dir, status="failed", export_error=str(exc)):
+            queue.publish(settings, job_id, "export", {"status": "failed", "error": str(exc)})
         return "failed"
-    with session_scope(url) as session:
-        job = job_db.get_job(session, job_id)
-        job.export_status, job.export_manifest = "succeeded", result.manifest
+    if not _finish_export(url, job_id, out_dir, status="succeeded",
+                          export_manifest=result.manifest):
+        return "export no longer this worker's (declared dead meanwhile); not recorded"
     queue.publish(settings, job_id, "export", {"status": "succeeded", "dir": str(result.out)})
     return str(result.out)
+
+
+def _finish_export(url: str, job_id: str, out_dir: str, *, status: str, **fields) -> bool:
+    """Record the end of an export still ``running`` into ``out_dir``: the recovery may have
+    failed it meanwhile (this worker was declared dead), and another export may have started."""
+    from sqlalchemy import update
+
+    from service.db.models import Job
+
+    with session_scope(url) as session:
+        done = session.execute(update(Job).where(
+            Job.id == job_id, Job.export_status == "running", Job.export_dir == out_dir)
+            .values(export_status=status, **fields))
+        return done.rowcount == 1

@@ -309,23 +309,68 @@ def test_an_export_whose_worker_died_is_failed_not_left_running(stack, tiny_spec
     from workers.loop import recover_dead_workers
 
     with stack.client() as c:
-        job = c.post("/v1/jobs", json=tiny_spec).json()
+        alone, shared = (c.post("/v1/jobs", json={**tiny_spec, "name": n}).json()["id"]
+                         for n in ("alone", "shared"))
     url = stack.settings.database()
-    with session_scope(url) as s:  # a finished job whose export was running on a worker
-        row = job_db.get_job(s, job["id"])
-        row.status, row.export_status, row.export_dir = "succeeded", "running", "/x/out"
-        w = worker_db.register(s, device="cpu", name="exporter")
-        w.job_id, w.heartbeat_at = job["id"], utcnow() - timedelta(hours=1)  # and went silent
-        alive = worker_db.register(s, device="cpu", name="bystander")  # on another job
-        alive.job_id = "another-job"
+    with session_scope(url) as s:  # two finished jobs whose exports were running
+        for job_id in (alone, shared):
+            row = job_db.get_job(s, job_id)
+            row.status, row.export_status, row.export_dir = "succeeded", "running", "/x/out"
+            w = worker_db.register(s, device="cpu", name=f"exporter-{row.spec['name']}")
+            w.job_id, w.heartbeat_at = job_id, utcnow() - timedelta(hours=1)  # went silent
+        peer = worker_db.register(s, device="cpu", name="peer")  # alive, on the shared job:
+        peer.job_id = shared                                     # it may be the exporter
     recover_dead_workers(stack.settings)  # what every maintenance pass runs
     with stack.client() as c:
-        export = c.get(f"/v1/jobs/{job['id']}").json()["export"]
+        export = c.get(f"/v1/jobs/{alone}").json()["export"]
         assert export["status"] == "failed", export
-        assert "the worker exporting it (exporter) died; export again" in export["error"]
-        assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"  # not re-run
+        assert "the worker exporting it (exporter-alone) died; export again" in export["error"]
+        assert c.get(f"/v1/jobs/{alone}").json()["status"] == "succeeded"  # not re-run
+        assert c.get(f"/v1/jobs/{shared}").json()["export"]["status"] == "running"
     with session_scope(url) as s:
         assert not worker_db.unrecovered(s)
+
+
+def test_a_worker_names_the_job_it_exports(stack, tiny_spec, monkeypatch):
+    """While export_job runs, the worker's row names the job (what the recovery above needs),
+    and an export the recovery failed meanwhile is not overwritten by its late result."""
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.db.models import Worker
+    from workers import loop
+
+    from service.settings import get_settings
+
+    for key, value in settings_env(stack.settings).items():  # what a worker process gets
+        monkeypatch.setenv(key, value)
+
+    get_settings.cache_clear()
+    with stack.client() as c:
+        job_id = c.post("/v1/jobs", json=tiny_spec).json()["id"]
+    url = stack.settings.database()
+    with session_scope(url) as s:
+        job_db.get_job(s, job_id).status = "succeeded"
+    seen = {}
+
+    def export(*_args, **_kw):  # stands in for the merge writer, at the moment it runs
+        with session_scope(url) as s:
+            seen["job_id"] = s.get(Worker, loop.current_worker().id).job_id
+            job_db.get_job(s, job_id).export_status = "failed"  # the recovery, meanwhile
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("workers.export.export_merge", export)
+    try:
+        with session_scope(url) as s:
+            job_db.get_job(s, job_id).best_ratios = {"block0": 0.5, "block1": 0.5}
+        assert loop.export_job(job_id, str(stack.settings.model_roots[0] / "out")) == "failed"
+        assert seen["job_id"] == job_id
+        with session_scope(url) as s:
+            row = job_db.get_job(s, job_id)
+            assert row.export_status == "failed" and row.export_error is None  # not ours
+            assert s.get(Worker, loop.current_worker().id).job_id is None  # released
+    finally:
+        loop.current_worker().close()
+        get_settings.cache_clear()
 
 
 def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
