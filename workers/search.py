@@ -257,7 +257,8 @@ class Search:
                 continue
             attrs = {"kind": "warm", "warm_start": vector}
             scale = _scale_on(ray, vector) if ray else None
-            if scale is not None:
+            if scale is not None and all(self.space.low <= v <= self.space.high
+                                         for v in vector):  # not clipped off the ray
                 attrs["ray_scale"] = scale
             self.study.enqueue_trial(self._clipped(vector), user_attrs=attrs)
 
@@ -270,24 +271,35 @@ class Search:
         s = self.spec.search
         if not s.warm_start or not s.warm_start_refine or self.spec.mean_ratio is not None:
             return None
-        return [float(s.warm_start[0][slot]) for slot in self.slots]
+        ray = [float(s.warm_start[0][slot]) for slot in self.slots]
+        # the ray runs from the base model (scale 0) and its points must not be clipped
+        if self.space.low > 0 or not all(0 <= v <= self.space.high for v in ray):
+            return None
+        return ray
 
     def refine_warm_start(self) -> float | None:
         """Enqueue the next point on the first warm-start vector's ray when one is due (call it
         before asking; under the service's ask lock): the scale where the tax meets the budget,
         by the secant through the feasible scale closest under it (or scale 0, the base model,
-        tax 0) and the infeasible one closest over it; without an infeasible one, extrapolated
-        from the two highest feasible ones, up to the ratio bounds. One point at a time, after
-        every point on the ray has finished; at most ``warm_start_refine``; none once a feasible
-        point is within ``RAY_CLOSE`` of the budget. Returns the scale enqueued."""
+        tax 0) and the lowest infeasible one above it; without one, extrapolated from the next
+        feasible scale down (from the base where the tax does not rise), up to the ratio
+        bounds. One point at a time, after every point on the ray has finished; at most
+        ``warm_start_refine``; none once that feasible point's tax is within ``RAY_CLOSE`` of
+        the budget or the step would be under ``RAY_CLOSE`` in scale. Not when the ray's points would be clipped (``ratio_bounds``
+        above 0, or the vector outside them). Returns the scale enqueued."""
         from optuna.trial import TrialState
 
         ray = self._ray()
         if self._ray_done or ray is None or not any(v > 0 for v in ray):
             return None
         on_ray = [t for t in self.study.get_trials(deepcopy=False)
-                  if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL]
-        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
+                  if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL
+                  and (self.live_running or t.state != TrialState.RUNNING)]
+        # a RUNNING point counts as under way only where other workers may run it (the
+        # service); a CLI study resumed after a crash has it stale
+        pending = (TrialState.WAITING, TrialState.RUNNING) if self.live_running else (
+            TrialState.WAITING,)
+        if any(t.state in pending for t in on_ray):
             return None
         scale = self._next_scale(ray, on_ray)
         if scale is None:  # for good: this process stops looking (it reads every trial)
@@ -315,19 +327,22 @@ class Search:
         if budget - lo[1] <= RAY_CLOSE * budget:
             return None
         cap = min(self.space.high / v for v in ray if v > 0)
-        if over:
-            hi = min(over)
+        hi = min((p for p in over if p[0] > lo[0]), default=None)  # uneven tax: above lo only
+        if hi is not None:
             if hi[0] - lo[0] <= RAY_CLOSE:
                 return None
             scale = lo[0] + (budget - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
             margin = 0.1 * (hi[0] - lo[0])  # stay inside the bracket
             scale = min(max(scale, lo[0] + margin), hi[0] - margin)
         else:
-            below = feasible[-2]
+            below = feasible[-2]  # the next feasible scale down (at least the base)
             rise, run = lo[1] - below[1], lo[0] - below[0]
-            scale = cap
             if rise > 0 and run > 0:
                 scale = min(cap, lo[0] + (budget - lo[1]) * run / rise)
+            elif lo[1] > 0:  # uneven tax: the slope from the base (scale 0, tax 0) instead
+                scale = min(cap, budget * lo[0] / lo[1])
+            else:
+                scale = cap
             if scale - lo[0] <= RAY_CLOSE:
                 return None
         return scale

@@ -175,9 +175,9 @@ def test_warm_start_ray_is_refined_toward_the_budget(tiny):
         s.study.tell(trial, 0.0)
         return trial
 
-    def ray_after(taxes):
-        s = _search(spec)
-        for _ in range(3):  # the uniform grid
+    def ray_after(taxes, job=spec):
+        s = _search(job)
+        for _ in s.grid:  # the uniform grid
             tell_next(s, 0.0)
         for tax in taxes:  # the warm vectors: scale 1, then 0.5
             assert s.refine_warm_start() is None  # not before the ray's points are done
@@ -203,6 +203,49 @@ def test_warm_start_ray_is_refined_toward_the_budget(tiny):
     assert s.refine_warm_start() is None
     s = ray_after([0.5, 0.3])  # both over: between the base (scale 0, tax 0) and scale 0.5
     assert s.refine_warm_start() == pytest.approx(0.5 * 0.1 / 0.3)
+    s = ray_after([0.09, 0.101])  # uneven: over at 0.5, under at 1: on up from 1 (via the base)
+    assert s.refine_warm_start() == pytest.approx(1 + 0.01 * 1 / 0.09)
+    s = ray_after([0.2, 0.05], job={**spec, "ratio_bounds": [0.1, 1.0]})
+    assert s.refine_warm_start() is None  # its points would be clipped off the ray
+
+
+def test_warm_start_ray_after_a_crash_is_not_held_by_a_stale_running_trial(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    v = {"block0": 0.8, "block1": 0.6}
+    spec = {**tiny, "tax": {**tiny["tax"], "budget": 0.1},
+            "search": {**tiny["search"], "n_trials": 10, "warm_start_refine": 1,
+                       "warm_start": [v, {k: x / 2 for k, x in v.items()}]}}
+    s = _search(spec, storage=url, name="hmaopt:crash")
+    for tax in [0.0] * len(s.grid) + [0.2, 0.05]:
+        trial = s.study.ask()
+        s.space.suggest(trial)
+        trial.set_user_attr("tax", tax)
+        s.study.tell(trial, 0.0)
+    s.refine_warm_start()
+    s.study.ask()  # the refine point starts, and the process dies with it RUNNING
+    resumed = _search(spec, storage=url, name="hmaopt:crash", resume=True)
+    # the point that never finished runs again, as the warm vectors do on resume
+    assert resumed.refine_warm_start() == pytest.approx(0.5 + 0.05 * 0.5 / 0.15)
+    s = _search(spec, storage=url, name="hmaopt:crash2")
+    for tax in [0.0] * len(s.grid):
+        trial = s.study.ask()
+        s.space.suggest(trial)
+        trial.set_user_attr("tax", tax)
+        s.study.tell(trial, 0.0)
+    s.study.ask()  # the first warm point starts, and the process dies with it RUNNING
+    trial = s.study.ask()
+    s.space.suggest(trial)
+    trial.set_user_attr("tax", 0.05)
+    s.study.tell(trial, 0.0)
+    resumed = _search(spec, storage=url, name="hmaopt:crash2", resume=True)
+    assert resumed.refine_warm_start() is None  # the interrupted warm point is enqueued again
+    trial = resumed.study.ask()
+    resumed.space.suggest(trial)
+    assert trial.user_attrs["ray_scale"] == 1.0
+    trial.set_user_attr("tax", 0.2)
+    resumed.study.tell(trial, 0.0)
+    # and the stale RUNNING one does not hold the ray (a service study, live_running, waits)
+    assert resumed.refine_warm_start() == pytest.approx(0.5 + 0.05 * 0.5 / 0.15)
 
 
 def test_warm_start_refine_runs_after_the_warm_vectors(tiny, tmp_path):
