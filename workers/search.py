@@ -292,14 +292,12 @@ class Search:
         ray = self._ray()
         if self._ray_done or ray is None or not any(v > 0 for v in ray):
             return None
+        # a RUNNING point is under way only where other workers may run it (the service); a
+        # CLI study resumed after a crash has it stale, and leaves it out
         on_ray = [t for t in self.study.get_trials(deepcopy=False)
                   if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL
                   and (self.live_running or t.state != TrialState.RUNNING)]
-        # a RUNNING point counts as under way only where other workers may run it (the
-        # service); a CLI study resumed after a crash has it stale
-        pending = (TrialState.WAITING, TrialState.RUNNING) if self.live_running else (
-            TrialState.WAITING,)
-        if any(t.state in pending for t in on_ray):
+        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
             return None
         scale = self._next_scale(ray, on_ray)
         if scale is None:  # for good: this process stops looking (it reads every trial)
