@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
+#: a database of the local Redis that the tests flush; HMAOPT_TEST_REDIS_DB picks another one
+#: (two suites running side by side must not flush each other's)
+REDIS_TEST_URL = f"redis://127.0.0.1:6379/{int(os.environ.get('HMAOPT_TEST_REDIS_DB', '13'))}"
 
 
 def _pg_available() -> bool:
