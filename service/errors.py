@@ -25,16 +25,23 @@ from __future__ import annotations
 
 
 class HmaoptError(Exception):
-    """Base of every error hmaopt raises on purpose."""
+    """Base of every error hmaopt raises on purpose.
+
+    A group base sets its CLI exit code in its class line (``exit_code=N``); subclasses
+    inherit it.
+    """
 
     #: process exit code used by the CLI for this group
     exit_code: int = 1
 
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
-class SpecError(HmaoptError):
+
+class SpecError(HmaoptError, exit_code=2):
     """A job spec or command-line argument is invalid."""
-
-    exit_code = 2
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
@@ -45,44 +52,32 @@ class RatioError(SpecError):
     """Wrong number of ratios, or a ratio outside the allowed bounds."""
 
 
-class NotFoundError(HmaoptError):
+class NotFoundError(HmaoptError, exit_code=3):
     """A file, folder or record does not exist."""
 
-    exit_code = 3
 
-
-class ConflictError(HmaoptError):
+class ConflictError(HmaoptError, exit_code=4):
     """The target already exists, or the current state forbids the action."""
 
-    exit_code = 4
 
-
-class AuthenticationError(HmaoptError):
+class AuthenticationError(HmaoptError, exit_code=5):
     """No API token was given, or it is unknown or revoked."""
 
-    exit_code = 5
 
-
-class PermissionDeniedError(HmaoptError):
+class PermissionDeniedError(HmaoptError, exit_code=5):
     """The caller's role, or an admin setting, does not allow the action."""
-
-    exit_code = 5
 
 
 class PathNotAllowedError(PermissionDeniedError):
     """A path resolves outside the configured roots."""
 
 
-class DependencyUnavailableError(HmaoptError):
+class DependencyUnavailableError(HmaoptError, exit_code=6):
     """An optional package or a backing service is not available."""
 
-    exit_code = 6
 
-
-class CheckpointError(HmaoptError):
+class CheckpointError(HmaoptError, exit_code=7):
     """A checkpoint folder cannot be read."""
-
-    exit_code = 7
 
 
 class PickleRefusedError(CheckpointError):
@@ -93,13 +88,9 @@ class CheckpointMismatchError(CheckpointError):
     """Base and aligned checkpoints differ in architecture, tensor names, shapes or dtypes."""
 
 
-class MergeError(HmaoptError):
+class MergeError(HmaoptError, exit_code=8):
     """The merge cannot be carried out."""
 
-    exit_code = 8
 
-
-class EvaluationError(HmaoptError):
+class EvaluationError(HmaoptError, exit_code=9):
     """An evaluator failed."""
-
-    exit_code = 9

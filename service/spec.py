@@ -7,7 +7,7 @@ ratio 0 is the base (pre-RLHF) model, ratio 1 the aligned (post-RLHF) one.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -184,6 +184,10 @@ class TaxSpec(BaseModel):
         return self
 
 
+#: trials on the warm-start ray (search.warm_start_refine, and a pipeline's setting of it)
+RefineSteps = Annotated[int, Field(ge=0, le=10)]
+
+
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -209,12 +213,11 @@ class SearchSpec(BaseModel):
         description="ratio vectors by slot (e.g. {\"block0\": 0.4, \"block1\": 0.7}) run right "
                     "after the uniform baseline, before the sampler's own trials: the best of an "
                     "earlier search (nightly pipelines set it); kind 'warm'")
-    warm_start_refine: int = Field(
-        0, ge=0, le=10,
-        description="after the warm_start vectors, up to this many trials more on the ray of "
-                    "the first one (its ratios times a scale), each at the scale where the tax "
-                    "meets the budget by the secant through the scales tried (kind 'warm'); "
-                    "ignored with mean_ratio")
+    warm_start_refine: RefineSteps = Field(
+        0, description="after the warm_start vectors, up to this many trials more on the "
+        "ray of the first one (its ratios times a scale), each at the scale where the tax "
+        "meets the budget by the secant through the scales tried (kind 'warm'); ignored with "
+        "mean_ratio")
 
     @model_validator(mode="after")
     def _grid(self) -> SearchSpec:
@@ -284,8 +287,10 @@ class JobSpec(BaseModel):
         points = grid if grid is not None else [i / 10 for i in range(11)]
         return sorted({round(p, 10) for p in points if lo <= p <= hi})
 
-    def check(self) -> None:
-        """Checks across fields, each naming its field (SpecError); run before any work."""
+    @model_validator(mode="after")
+    def _cross_fields(self) -> JobSpec:
+        """Checks across fields, each naming its field: raised as SpecError (not wrapped in
+        a ValidationError), so that every JobSpec built is a runnable one."""
         grid = self.uniform_grid()
         if not grid:
             raise SpecError(f"no point of the uniform grid lies within ratio_bounds "
@@ -298,6 +303,11 @@ class JobSpec(BaseModel):
         if self.search.sampler == "cmaes" and self.mode == "pareto":
             raise SpecError("cmaes optimises one objective: use mode constrained, or "
                             "sampler tpe / nsga2 / random for mode pareto", field="search.sampler")
+        return self
+
+    def check(self) -> JobSpec:
+        """Kept for callers; validation runs at construction (``_cross_fields``)."""
+        return self
 
     def paths(self) -> dict[str, str]:
         """Every file or folder the job reads, by field name."""
@@ -328,17 +338,11 @@ def load_spec(path, *, resolve: bool = True) -> JobSpec:
 
     import yaml
 
-    from service.errors import NotFoundError
+    from service.files import read_mapping
 
     file = Path(path)
-    if not file.is_file():
-        raise NotFoundError(f"job spec {file} does not exist")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"cannot read {file}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise SpecError(f"{file} must hold a mapping of job fields")
+    raw = read_mapping(file, what="job spec", loads=yaml.safe_load, errors=(yaml.YAMLError,),
+                       error=SpecError, missing="does not exist", shape="a mapping of job fields")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from service.modelconfig import LAYER_COUNT_KEYS  # noqa: F401  (grouping imports it from here)
+
 #: Norms inside a layer that feed (or follow) the MLP, plus the MLP itself.
 _MLP_PARTS = r"(mlp|feed_forward|block_sparse_moe|post_attention_layernorm|ln_2)\."
 #: Gemma 2/3 put a norm after attention (post_attention_layernorm) and around the MLP.
 _MLP_PARTS_GEMMA2 = r"(mlp|pre_feedforward_layernorm|post_feedforward_layernorm)\."
-#: Config keys that hold the number of decoder layers, tried in order.
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from service.errors import (
     NotFoundError,
     PickleRefusedError,
 )
+from service.files import read_mapping
 
 log = logging.getLogger(__name__)
 
@@ -303,15 +304,8 @@ def _dname(dtype: torch.dtype) -> str:
 
 
 def _read_json(file: Path, *, what: str) -> dict:
-    if not file.exists():
-        raise NotFoundError(f"{what} {file} is missing")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {what} {file}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {file} must hold a JSON object")
-    return data
+    return read_mapping(file, what=what, loads=json.loads, errors=(json.JSONDecodeError,),
+                        error=CheckpointError)
 
 
 def _weight_files(folder: Path, index_name: str, single_name: str) -> list[Path]:

@@ -8,9 +8,28 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, Index, Integer, String, Text,
-                        TypeDecorator, UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.status import (
+    DeliveryStatus,
+    ExportStatus,
+    JobStatus,
+    PipelineRunStatus,
+    TrialStatus,
+    WorkerState,
+)
 
 
 def utcnow() -> datetime:
@@ -34,6 +53,25 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+class StateString(TypeDecorator):
+    """A state column: its ``str`` enum (service.status) in Python, the plain value in a
+    ``VARCHAR`` in the database (as before the enums: no migration, no database enum type).
+    A value outside the enum is refused on write."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type, length: int = 16) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else self.enum(value)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict: JSON, list: JSON, datetime: UTCDateTime}
 
@@ -45,7 +83,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[JobStatus] = mapped_column(StateString(JobStatus), index=True)
     spec: Mapped[dict]
     token_id: Mapped[str | None] = mapped_column(String(32))
     submitted_by: Mapped[str | None] = mapped_column(String(100))
@@ -76,7 +114,7 @@ class Job(Base):
     runs_enqueued: Mapped[int] = mapped_column(default=0)
     finalizer: Mapped[str | None] = mapped_column(String(32))
     # export of the best merge
-    export_status: Mapped[str | None] = mapped_column(String(16))
+    export_status: Mapped[ExportStatus | None] = mapped_column(StateString(ExportStatus))
     export_dir: Mapped[str | None] = mapped_column(Text)
     export_error: Mapped[str | None] = mapped_column(Text)
     export_manifest: Mapped[dict | None]
@@ -104,7 +142,7 @@ class Trial(Base):
     job_id: Mapped[str] = mapped_column(String(32))
     number: Mapped[int]
     kind: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[TrialStatus] = mapped_column(StateString(TrialStatus))
     ratios: Mapped[dict]
     reward: Mapped[float | None] = mapped_column(Float)
     tax: Mapped[float] = mapped_column(Float)
@@ -148,7 +186,7 @@ class Worker(Base):
     hostname: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int]
     device: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # idle | busy | stopped | dead
+    state: Mapped[WorkerState] = mapped_column(StateString(WorkerState), index=True)
     job_id: Mapped[str | None] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -189,9 +227,8 @@ class PipelineRun(Base):
     pipeline_id: Mapped[str] = mapped_column(String(32), index=True)
     scheduled_for: Mapped[datetime]
     trigger: Mapped[str] = mapped_column(String(16))  # schedule | catch_up | manual
-    # pending | starting | running | remeasuring | deciding | promoting | switching |
-    # succeeded | skipped | failed
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[PipelineRunStatus] = mapped_column(StateString(PipelineRunStatus),
+                                                      index=True)
     #: when the status last changed (a transient status held too long is failed)
     status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     checkpoint: Mapped[str | None] = mapped_column(Text)
@@ -242,7 +279,7 @@ class WebhookDelivery(Base):
     msg_id: Mapped[str] = mapped_column(String(64))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict]
-    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
+    status: Mapped[DeliveryStatus] = mapped_column(StateString(DeliveryStatus), index=True)
     attempts: Mapped[int] = mapped_column(default=0)
     last_status_code: Mapped[int | None]
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -1,8 +1,11 @@
-"""Engines and sessions: every database call goes through :func:`session_scope`.
+"""Engines and sessions: every database call goes through :func:`session_scope`
+(the API's session dependency included).
 
-Driver errors are translated here, chained to the cause, into errors that name the fix:
-an unreachable database into DependencyUnavailableError (check DATABASE_URL), a database
-without the service's tables into DependencyUnavailableError (run ``hmaopt db upgrade``).
+:func:`translate` turns a driver error into one that names the fix: an unreachable
+database into DependencyUnavailableError (check DATABASE_URL), a database without the
+service's tables into DependencyUnavailableError (run ``hmaopt db upgrade``). It is called
+at the edges, chained to the cause: the API's error handler (service.api.errors), the
+schema check (service.db.migrate) and :func:`current_revision`.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error, translating driver errors."""
+    """A session that commits when the block ends and rolls back when it raises; closed
+    either way. Driver errors pass through unchanged (SQLAlchemyError): the edge that
+    catches them translates them (:func:`translate`)."""
     factory = _factories.get(url)
     if factory is None:  # one per URL: a sessionmaker per call costs ~0.1 ms of setup
         factory = _factories.setdefault(url, sessionmaker(get_engine(url),

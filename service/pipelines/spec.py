@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.spec import JobSpec
+from service.spec import JobSpec, RefineSteps
 
 #: webhook events a pipeline can send
 EVENTS = ("run.started", "run.finished", "run.failed", "run.skipped", "run.promoted")
@@ -138,9 +138,8 @@ class PipelineSpec(BaseModel):
         description="the previous best ratios are enqueued times each of these (a scale "
         "under 1 moves toward the base model, lowering the tax: the previous best often sits "
         "at the budget, and a new checkpoint may push it over)")
-    warm_start_refine: int = Field(
-        3, ge=0, le=10,
-        description="then up to this many trials more on the previous best's ray (its ratios "
+    warm_start_refine: RefineSteps = Field(
+        3, description="then up to this many trials more on the previous best's ray (its ratios "
         "times a scale), each where the secant through the scales tried puts the tax at the "
         "budget (search.warm_start_refine)")
 
