@@ -1,0 +1,165 @@
+"""What several command families share: argument types, the parser class, progress bars,
+following a job over REST and printing its result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from tqdm.auto import tqdm
+
+from service.errors import HmaoptError
+from service.spec import load_spec
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912, ``"1000"`` -> 1000 bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB, 512MiB)")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return size
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"ratios must be comma-separated numbers, got {text!r}") from exc
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage errors exit 2, like SpecError
+        self.print_usage(sys.stderr)
+        self.exit(2, f"hmaopt: error: {message}\n")
+
+
+def add_command(sub, name: str, handler, *, help: str) -> argparse.ArgumentParser:
+    """Add ``hmaopt ... NAME``, run by ``handler``. The handler's docstring, if it has one, is
+    the command's description (``hmaopt ... NAME --help``), as in click."""
+    parser = sub.add_parser(name, help=help, description=handler.__doc__)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_group(sub, name: str, **kwargs):
+    """Add ``hmaopt NAME``, a group of subcommands (``hmaopt db upgrade``): returns the
+    subparsers to add them to; the one chosen is ``args.<NAME>_command``."""
+    return sub.add_parser(name, **kwargs).add_subparsers(dest=f"{name}_command", required=True)
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A bar only when asked for (no --no-progress) and stderr is a terminal."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def print_error(exc: HmaoptError) -> None:
+    print(f"hmaopt: error: {exc}", file=sys.stderr)
+
+
+def read_spec_for_submit(path: str, server_paths: bool) -> dict:
+    spec = load_spec(path, resolve=not server_paths)
+    spec.check()
+    return spec.model_dump(mode="json", exclude_unset=False)
+
+
+def follow_job(client, job: dict, *, progress: bool) -> dict:
+    """Show a job's progress until it ends; returns the final job."""
+    bar = None
+    if progress:
+        bar = tqdm(total=job["progress"]["n_trials"], initial=job["progress"]["trials_finished"],
+                   desc="trials", unit="trial", dynamic_ncols=True)
+
+    def on_event(event: str, data: dict) -> None:
+        if event == "trial":
+            if bar is not None:
+                bar.n = data["trials_finished"]
+                best = data.get("best_reward")
+                bar.set_postfix_str("none feasible" if best is None else
+                                    f"best {best:.4g} @ tax {data['best_tax']:.3f}", refresh=True)
+            else:
+                reward = ("pruned" if data["state"] == "pruned" else
+                          f"reward {data['reward']:.4g}")
+                print(f"trial {data['number']:>3} {data['kind']:<7} {reward:<14} tax "
+                      f"{data['tax']:.4f}  ({data['trials_finished']}/{data['n_trials']})",
+                      file=sys.stderr)
+        elif event in ("status", "worker_lost", "export"):
+            msg = data.get("status") or f"worker {data.get('worker')} lost"
+            if bar is not None:
+                bar.write(f"{event}: {msg}")
+            else:
+                print(f"{event}: {msg}", file=sys.stderr)
+
+    try:
+        return client.wait(job["id"], on_event)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def report(job: dict) -> int:
+    """Print a finished job; the exit code of submit --wait."""
+    if job["status"] == "succeeded" and job.get("result"):
+        print(format_summary(job["result"]))
+        return 0 if job["result"]["feasible"] else 2
+    if job["status"] == "failed":
+        print(f"job {job['id']} failed: {job['error']}", file=sys.stderr)
+    else:
+        print(f"job {job['id']} ended {job['status']}", file=sys.stderr)
+    return 1
+
+
+def format_summary(r: dict) -> str:
+    """The human summary of a search result (the dict of SearchResult.to_dict)."""
+    def fig(x, fmt=".4g"):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = [f"study {r['study']} ({r['mode']}, tax budget {r['budget']:g}; "
+             "ratio = weight on the ALIGNED model)"]
+    best, uni = r["best"], r["best_uniform"]
+    if best is None:
+        lines.append("no feasible merge: every trial's tax exceeds the budget")
+    else:
+        ratios = ", ".join(f"{k}={v:.3f}" for k, v in best["ratios"].items())
+        lines.append(f"best ratios     {ratios}  (trial {best['trial']})")
+        lines.append(f"  search        reward {fig(best['reward'])}  tax {fig(best['tax'], '.4f')}")
+        if best.get("holdout"):
+            h = best["holdout"]
+            lines.append(f"  holdout       reward {fig(h['reward'])}  tax {fig(h['tax'], '.4f')}"
+                         + ("" if h["feasible"] else "  (over budget on the holdout)"))
+    if uni is None:
+        lines.append("best uniform    none feasible")
+    else:
+        lines.append(f"best uniform    alpha={uni['ratio']:g}  (trial {uni['trial']})")
+        lines.append(f"  search        reward {fig(uni['reward'])}  tax {fig(uni['tax'], '.4f')}")
+        if uni.get("holdout"):
+            h = uni["holdout"]
+            lines.append(f"  holdout       reward {fig(h['reward'])}  tax {fig(h['tax'], '.4f')}")
+    lines.append(f"gain            {fig(r['gain'], '+.4g')} reward over the best uniform alpha"
+                 + (f" (holdout {fig(r['holdout_gain'], '+.4g')})"
+                    if r.get("holdout_gain") is not None else ""))
+    t, s = r["trials"], r["seconds"]
+    lines.append(f"trials          {t['finished']} finished ({t['uniform']} uniform baseline), "
+                 f"{t['pruned']} pruned")
+    lines.append(f"time per trial  {fig(s['per_trial'], '.2f')} s (merge "
+                 f"{fig(s['merge_per_trial'], '.3f')} s, evaluation {fig(s['eval_per_trial'], '.2f')}"
+                 f" s); total {s['total']:.1f} s")
+    if r["mode"] == "pareto":
+        lines.append(f"pareto front    {len(r['pareto'])} feasible trials: "
+                     + ", ".join(f"#{p['trial']} ({fig(p['reward'])}, {fig(p['tax'], '.3f')})"
+                                 for p in r["pareto"]))
+    return "\n".join(lines)
