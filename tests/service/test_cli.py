@@ -118,3 +118,72 @@ def test_search_spec_errors_name_the_field(tmp_path, edit, message):
     proc = hmaopt("search", str(spec_file))
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _leaves(parser, path=()):
+    """(command path, parser) of every runnable `hmaopt ...` command, in --help order."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _leaves(child, (*path, name))
+            return
+    yield " ".join(path), parser
+
+
+def test_the_parser_has_every_familys_commands():
+    from service.cli import build_parser
+
+    families = {name: p.get_default("handler").__module__.removeprefix("service.cli.")
+                for name, p in _leaves(build_parser())}
+    assert families == {
+        "merge": "data", "search": "data", "world build": "data",
+        "db upgrade": "admin", "db current": "admin",
+        "token create": "admin", "token list": "admin", "token revoke": "admin",
+        "serve": "stack", "worker": "stack", "scheduler": "stack", "demo": "stack",
+        "submit": "remote", "pipeline create": "remote", "pipeline list": "remote",
+        "pipeline trigger": "remote", "pipeline runs": "remote", "pipeline rollback": "remote",
+    }
+    # `hmaopt --help` lists them in this order, the families interleaved
+    assert list(families)[8:12] == ["serve", "worker", "submit", "scheduler"]
+
+
+def test_a_handlers_docstring_is_its_commands_description():
+    from service.cli import build_parser
+    from service.cli.data import search_command
+
+    parsers = dict(_leaves(build_parser()))
+    assert parsers["search"].description == search_command.__doc__
+    assert parsers["db upgrade"].description is None  # no docstring, no description
+    proc = hmaopt("search", "--help")
+    assert proc.returncode == 0
+    assert "(3 not found, 4 conflict, 7 checkpoint, 9 evaluation)" in " ".join(proc.stdout.split())
+
+
+def test_parsing_every_command_imports_no_data_plane():
+    code = ("import sys; from service.cli import build_parser; p = build_parser();"
+            "[p.parse_args(a.split()) for a in ('merge --base b --aligned a --ratios 0.5 --out o',"
+            " 'search s.yaml', 'world build w', 'db current', 'token list', 'serve', 'worker',"
+            " 'scheduler', 'demo', 'submit s.yaml', 'pipeline runs n')];"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+            " ('torch', 'transformers', 'optuna', 'workers')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_a_pipeline_run_that_no_scheduler_advances_times_out(monkeypatch, capsys):
+    import argparse
+
+    from service.cli import remote
+
+    class Server:
+        def request(self, method, path, **_):
+            return {"id": "r1", "status": "pending"}
+
+    monkeypatch.setattr(remote, "_client", lambda args: Server())
+    args = argparse.Namespace(name="nightly", wait=True, timeout=-1.0)
+    assert remote.pipeline_trigger_command(args) == 1
+    err = capsys.readouterr().err
+    assert ("hmaopt: error: run r1 still pending after -1 s (is a scheduler running? "
+            "`hmaopt scheduler`, or the embedded `hmaopt serve`)") in err
