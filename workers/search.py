@@ -1,7 +1,9 @@
-"""The search: one Optuna study per job over the per-group ratios, under a tax budget.
+"""The search: one Optuna study per job over the per-group ratios, under a tax budget, and
+the one trial driver (:meth:`Search.run`) that the CLI and the service's workers share.
 
 Per trial (ask/tell, so that a caller can stop between trials and resume later)::
 
+    trial = Search.claim()                     # under the job's lock: the trial cap, ask
     ratios = RatioSpace.suggest(trial)         # one ratio per group slot, in ratio_bounds
     LiveMerger.apply(ratios)                   # in place, on the device
     JobEvaluator.evaluate(budget, ...)         # stage 1 tax -> prune? -> stage 2 + reward
@@ -17,16 +19,18 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
   NSGA-II use the constraint; CMA-ES ignores Optuna constraints, so it is told the reward
   minus a penalty proportional to the excess tax (the ``reward`` attribute stays true).
 - Warm start: ``search.warm_start`` vectors run right after the baseline; with
-  ``warm_start_refine`` the worker then steps along the first vector's ray (ratios times a
-  scale) to where the tax meets the budget (:meth:`Search.refine_warm_start`, called before
-  each ask), since the best reward usually sits at the budget.
+  ``warm_start_refine`` the search then steps along the first vector's ray (ratios times a
+  scale) to where the tax meets the budget (workers/ray.py; :meth:`Search.refine_warm_start`
+  runs before each ask), since the best reward usually sits at the budget.
+- Shared studies (the service, ``live_running``): several workers run one study; a trial
+  is claimed only while fewer than ``n_trials`` are complete, pruned or running, and a
+  RUNNING trial whose worker is dead is failed (:func:`fail_stale_trials`) and runs again.
 - Every trial's user attributes: ``kind`` (uniform | search | warm), ``ratios`` (by slot),
   ``reward``, ``tax``, ``feasible``, ``metrics`` and ``task_tax`` (per task), ``stage``
-  (1 = pruned after stage 1, 2 = complete), ``merge_seconds``, ``eval_seconds``; a uniform
-  trial also ``uniform_ratio``; a warm trial ``warm_start`` (the vector as given) and, on
-  the refined ray, ``ray_scale`` (and ``refine`` for the steps). The study's user
-  attributes hold the job (``hmaopt``) and, at the end, the ``result`` (best, baseline,
-  gain, holdout figures).
+  (1 = pruned after stage 1, 2 = complete), ``merge_seconds``, ``eval_seconds``, ``worker``
+  (service); a uniform trial also ``uniform_ratio``; a warm trial ``warm_start`` (the vector
+  as given) and, on the refined ray, ``ray_scale`` (and ``refine`` for the steps). The
+  study's user attributes hold the job (``hmaopt``) and, at the end, the ``result``.
 - After the search the best feasible ratio vector and the best feasible uniform α are
   re-measured on the holdout data.
 """
@@ -37,169 +41,113 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
 from service._version import __version__
+from service.db.session import safe_url
 from service.errors import ConflictError, EvaluationError, SpecError
+from service.settings import get_settings
 from service.spec import JobSpec
 from workers.ratios import RatioSpace
+from workers.ray import WarmStart
+from workers.results import (RATIO_CONVENTION, SearchResult, TrialRecord, best_of, jsonable,
+                             pareto_of, summary)
+from workers.study import (STUDY_PREFIX, fail_stale_trials, make_sampler, open_storage,
+                           study_name)
+
+__all__ = ["STUDY_PREFIX", "Search", "SearchResult", "TrialHooks", "TrialRecord",
+           "fail_stale_trials", "jsonable", "load_job", "make_sampler", "measure_base",
+           "open_storage", "run_search", "study_name"]
 
 log = logging.getLogger(__name__)
 
-#: prefix of every study hmaopt creates; :func:`study_name` is the one builder of names
-STUDY_PREFIX = "hmaopt"
 #: CMA-ES only: penalty per unit of excess tax, in units of the baseline's reward spread
 CMAES_PENALTY = 10.0
-#: warm-start ray: a vector within this (per slot) of scale x the first vector lies on its ray
-RAY_TOLERANCE = 1e-4
-#: warm-start ray: stop refining once a feasible scale's tax is within this share of the
-#: budget, or the feasible and infeasible scales are this close
-RAY_CLOSE = 0.005
 
-
-def study_name(key: str) -> str:
-    """The Optuna study name of a job (``key``: the job id in the service, the spec name in the CLI)."""
-    return f"{STUDY_PREFIX}:{key}"
-
-
-def make_sampler(spec: JobSpec):
-    """The spec's sampler, seeded."""
-    import optuna
-
-    s = spec.search
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=10)
-    if s.sampler == "gp":
-        with warnings.catch_warnings():  # deterministic_objective is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=10,
-                                             deterministic_objective=True)
-    if s.sampler == "cmaes":
-        spec.check()  # refuses mode pareto
-        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=1,
-                                            warn_independent_sampling=False)
-    if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed,
-                                             population_size=max(8, min(50, s.n_trials // 4)))
-    return optuna.samplers.RandomSampler(seed=s.seed)
+#: seconds a driver that found no free trial (others still running) waits before looking again
+IDLE_POLL_SECONDS = 0.5
+#: trials that count toward ``n_trials``: finished ones, and in a shared study running ones
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_TAKEN = _FINISHED + (TrialState.RUNNING,)
 
 
 @dataclass
-class TrialRecord:
-    number: int
-    kind: str
-    ratios: list[float]
-    reward: float | None
-    tax: float
-    feasible: bool
-    stage: int
-    metrics: dict[str, float]
-    merge_seconds: float
-    eval_seconds: float
-    uniform_ratio: float | None = None
-    task_tax: dict[str, float] = field(default_factory=dict)
+class TrialHooks:
+    """What the caller of :meth:`Search.run` supplies; the defaults are one process's (CLI).
 
-    def brief(self, slots: Sequence[str]) -> dict:
-        return {"trial": self.number, "kind": self.kind,
-                "ratios": dict(zip(slots, self.ratios)), "reward": self.reward, "tax": self.tax,
-                "metrics": self.metrics}
+    - ``should_stop``: checked before each claim; True ends the run (the service raises
+      instead, to say why: cancelled, worker stopping).
+    - ``lock(name)``: the job's lock of that name ("ask" around the cap and the ask,
+      "setup" around enqueueing), a Redis lock where workers share the study.
+    - ``on_batch``: at every evaluation batch (a cancel check that raises).
+    - ``on_trial``: after each tell, with the record (the service records and publishes it).
+    - ``on_error``: a trial raised (the service learns whether it was declared dead).
+    - ``worker``: this worker's id, stored on each trial it claims.
+    - ``alive_workers``: the ids of the live workers; with it, a RUNNING trial of another
+      live worker is waited for and one of a dead worker is failed (shared studies).
+    """
 
-
-@dataclass
-class SearchResult:
-    """What a search found; :meth:`to_dict` is the JSON written by ``hmaopt search --json``."""
-
-    study: str
-    storage: str | None
-    mode: str
-    budget: float
-    slots: list[str]
-    best: TrialRecord | None
-    uniform: TrialRecord | None
-    best_holdout: dict | None
-    uniform_holdout: dict | None
-    pareto: list[TrialRecord]
-    counts: dict[str, int]
-    seconds: dict[str, float]
-    base_cached: bool
-    trials: list[TrialRecord] = field(default_factory=list, repr=False)
-
-    @property
-    def feasible(self) -> bool:
-        return self.best is not None
-
-    @property
-    def gain(self) -> float | None:
-        if self.best is None or self.uniform is None:
-            return None
-        return self.best.reward - self.uniform.reward
-
-    @property
-    def holdout_gain(self) -> float | None:
-        if self.best_holdout is None or self.uniform_holdout is None:
-            return None
-        return self.best_holdout["reward"] - self.uniform_holdout["reward"]
-
-    def to_dict(self) -> dict:
-        best = self.best.brief(self.slots) if self.best else None
-        if best is not None:
-            best["holdout"] = self.best_holdout
-        uniform = None
-        if self.uniform is not None:
-            uniform = {"trial": self.uniform.number, "ratio": self.uniform.uniform_ratio,
-                       "reward": self.uniform.reward, "tax": self.uniform.tax,
-                       "metrics": self.uniform.metrics, "holdout": self.uniform_holdout}
-        return {
-            "study": self.study, "storage": self.storage, "mode": self.mode,
-            "budget": self.budget, "ratio_convention": "ratio = weight on the aligned model",
-            "slots": self.slots, "feasible": self.feasible, "best": best,
-            "best_uniform": uniform, "gain": self.gain, "holdout_gain": self.holdout_gain,
-            "pareto": [t.brief(self.slots) for t in self.pareto],
-            "trials": self.counts, "seconds": self.seconds, "base_cached": self.base_cached,
-            "version": __version__,
-        }
+    should_stop: Callable[[], bool] = lambda: False
+    lock: Callable[[str], AbstractContextManager] = lambda _name: nullcontext()
+    on_batch: Callable | None = None
+    on_trial: Callable[[TrialRecord], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+    worker: str | None = None
+    alive_workers: Callable[[], set[str]] | None = None
+    stale_seconds: float = 60.0
+    poll_seconds: float = IDLE_POLL_SECONDS
 
 
 class Search:
-    """A job's study with its live merger and evaluator; :meth:`run` drives the trials."""
+    """A job's study with its live merger and evaluator; :meth:`run` drives the trials.
 
-    def __init__(self, spec: JobSpec, merger, evaluator, *, storage: str | None = None,
+    ``storage``: None (in memory), a database URL, or an RDBStorage (:func:`open_storage`).
+    ``live_running``: the study is shared by live workers (the service), so a RUNNING trial
+    is someone's work in hand, not the leftover of a crashed process.
+    """
+
+    def __init__(self, spec: JobSpec, merger, evaluator, *,
+                 storage: str | optuna.storages.BaseStorage | None = None,
                  name: str | None = None, resume: bool = False,
                  live_running: bool = False) -> None:
-        import optuna
-        from sqlalchemy.exc import SQLAlchemyError
-
         self.spec = spec
         self.merger = merger
         self.evaluator = evaluator
         self.slots = list(merger.grouping.slots)
         self.space = RatioSpace(self.slots, spec.ratio_bounds, spec.mean_ratio)
-        spec.check()
         self.grid = spec.uniform_grid()
-        self.storage = storage
+        self.storage_url = safe_url(getattr(storage, "url", storage))
         self.live_running = live_running
         self.name = name or study_name(spec.name)
         directions = ["maximize"] if spec.mode == "constrained" else ["maximize", "minimize"]
-        sampler = make_sampler(spec)
         try:
-            names = set(optuna.get_all_study_names(storage)) if storage is not None else set()
+            if storage is None:
+                self.storage, names = optuna.storages.InMemoryStorage(), set()
+            else:
+                self.storage = open_storage(storage) if isinstance(storage, str) else storage
+                names = set(optuna.get_all_study_names(self.storage))
             if self.name in names and not resume:
                 raise ConflictError(f"study {self.name!r} already exists in "
-                                    f"{_safe_url(storage)}: resume it (--resume) or choose "
+                                    f"{self.storage_url}: resume it (--resume) or choose "
                                     "another name (--study)")
-            self.study = optuna.create_study(storage=storage, study_name=self.name,
-                                             sampler=sampler, directions=directions,
-                                             load_if_exists=resume)
+            self.study = optuna.create_study(storage=self.storage, study_name=self.name,
+                                             sampler=make_sampler(spec),
+                                             directions=directions, load_if_exists=resume)
         except (ValueError, ImportError, SQLAlchemyError,
                 optuna.exceptions.StorageInternalError) as exc:
-            raise SpecError(f"cannot open the Optuna storage {_safe_url(storage)}: {exc}",
+            raise SpecError(f"cannot open the Optuna storage {self.storage_url}: {exc}",
                             field="storage") from exc
+        self.study_id = self.storage.get_study_id_from_name(self.name)
         job = {"version": __version__, "spec": spec.model_dump(mode="json"),
                "slots": self.slots, "budget": spec.tax.budget, "mode": spec.mode,
-               "uniform_grid": self.grid,
-               "ratio_convention": "ratio = weight on the aligned model"}
+               "uniform_grid": self.grid, "ratio_convention": RATIO_CONVENTION}
         stored = self.study.user_attrs.get("hmaopt")
         if stored is not None:
             changed = [k for k in ("slots", "budget", "mode", "uniform_grid")
@@ -208,155 +156,94 @@ class Search:
                 raise ConflictError(f"study {self.name!r} was run with another {', '.join(changed)}: "
                                     "a resumed study must keep them; start a new study (--study)")
         self.study.set_user_attr("hmaopt", job)
-        self._ray_done = False
-        self._enqueue_baseline()
-        self._enqueue_warm_start()
+        self.warm = WarmStart(self)
+        self.enqueue_baseline()
+        self.warm.enqueue(self._taken)
 
     # ------------------------------------------------------------------ setup
 
-    def _enqueue_baseline(self) -> None:
-        """Enqueue the grid points not yet done or waiting (an interrupted one runs again).
+    def _taken(self, kind: str) -> list[optuna.trial.FrozenTrial]:
+        """Trials of ``kind`` done or waiting; in a shared study running ones too (the trials
+        of dead workers have been failed)."""
+        states = _TAKEN + (TrialState.WAITING,) if self.live_running else \
+            _FINISHED + (TrialState.WAITING,)
+        return [t for t in self.study.get_trials(deepcopy=False, states=states)
+                if t.user_attrs.get("kind") == kind]
 
-        With ``live_running`` (the service, where other workers may share the study and the
-        trials of dead ones have been failed), a running grid point counts as taken.
-        """
-        from optuna.trial import TrialState
-
-        states = (TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
-        if self.live_running:
-            states += (TrialState.RUNNING,)
-        done = {t.user_attrs.get("uniform_ratio")
-                for t in self.study.get_trials(deepcopy=False, states=states)
-                if t.user_attrs.get("kind") == "uniform"}
+    def enqueue_baseline(self) -> None:
+        """Enqueue the grid points not yet taken (an interrupted or failed one runs again).
+        Where workers share the study, call it under the job's "setup" lock."""
+        done = {t.user_attrs.get("uniform_ratio") for t in self._taken("uniform")}
         for alpha in self.grid:
             if alpha not in done:
                 self.study.enqueue_trial(self.space.uniform_params(alpha),
                                          user_attrs={"kind": "uniform", "uniform_ratio": alpha})
 
-    def _enqueue_warm_start(self) -> None:
-        """Enqueue the spec's warm-start ratio vectors not yet done or waiting (kind 'warm'),
-        after the uniform baseline."""
-        from optuna.trial import TrialState
-
-        warm = self.spec.search.warm_start or []
-        for ratios in warm:
-            if set(ratios) != set(self.slots):
-                raise SpecError(f"search.warm_start names slots {sorted(ratios)}, but this "
-                                f"job's grouping has {self.slots}", field="search.warm_start")
-        states = (TrialState.WAITING, TrialState.COMPLETE, TrialState.PRUNED)
-        if self.live_running:
-            states += (TrialState.RUNNING,)
-        done = [t.user_attrs.get("warm_start")
-                for t in self.study.get_trials(deepcopy=False, states=states)
-                if t.user_attrs.get("kind") == "warm" and not t.user_attrs.get("refine")]
-        ray = self._ray()
-        for ratios in warm:
-            vector = [float(ratios[s]) for s in self.slots]
-            if vector in done:
-                done.remove(vector)
-                continue
-            attrs = {"kind": "warm", "warm_start": vector}
-            scale = _scale_on(ray, vector) if ray else None
-            if scale is not None and all(self.space.low <= v <= self.space.high
-                                         for v in vector):  # not clipped off the ray
-                attrs["ray_scale"] = scale
-            self.study.enqueue_trial(self._clipped(vector), user_attrs=attrs)
-
-    def _clipped(self, vector: Sequence[float]) -> dict[str, float]:
-        return dict(zip(self.space.param_names(),
-                        [min(max(v, self.space.low), self.space.high) for v in vector]))
-
-    def _ray(self) -> list[float] | None:
-        """The first warm-start vector when its ray is to be refined, else None."""
-        s = self.spec.search
-        if not s.warm_start or not s.warm_start_refine or self.spec.mean_ratio is not None:
-            return None
-        ray = [float(s.warm_start[0][slot]) for slot in self.slots]
-        # the ray runs from the base model (scale 0) and its points must not be clipped
-        if self.space.low > 0 or not all(0 <= v <= self.space.high for v in ray):
-            return None
-        return ray
-
     def refine_warm_start(self) -> float | None:
-        """Enqueue the next point on the first warm-start vector's ray when one is due (call it
-        before asking; under the service's ask lock): the scale where the tax meets the budget,
-        by the secant through the feasible scale closest under it (or scale 0, the base model,
-        tax 0) and the lowest infeasible one above it; without one, extrapolated from the next
-        feasible scale down (from the base where the tax does not rise), up to the ratio
-        bounds. One point at a time, after every point on the ray has finished; at most
-        ``warm_start_refine``; none once that feasible point's tax is within ``RAY_CLOSE`` of
-        the budget or the step would be under ``RAY_CLOSE`` in scale. Not when the ray's points would be clipped (``ratio_bounds``
-        above 0, or the vector outside them). Returns the scale enqueued."""
-        from optuna.trial import TrialState
+        """Enqueue the next point on the warm-start ray when one is due (workers/ray.py);
+        called before each ask, under the ask lock. Returns the scale enqueued."""
+        return self.warm.refine()
 
-        ray = self._ray()
-        if self._ray_done or ray is None or not any(v > 0 for v in ray):
-            return None
-        # a RUNNING point is under way only where other workers may run it (the service); a
-        # CLI study resumed after a crash has it stale, and leaves it out
-        on_ray = [t for t in self.study.get_trials(deepcopy=False)
-                  if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL
-                  and (self.live_running or t.state != TrialState.RUNNING)]
-        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
-            return None
-        scale = self._next_scale(ray, on_ray)
-        if scale is None:  # for good: this process stops looking (it reads every trial)
-            self._ray_done = True
-            return None
-        vector = [v * scale for v in ray]
-        self.study.enqueue_trial(self._clipped(vector), user_attrs={
-            "kind": "warm", "warm_start": vector, "ray_scale": scale, "refine": True})
-        log.info("search %s: warm-start ray refined at scale %.4f", self.name, scale)
-        return scale
-
-    def _next_scale(self, ray: list[float], on_ray: list) -> float | None:
-        if sum(bool(t.user_attrs.get("refine")) for t in on_ray) >= \
-                self.spec.search.warm_start_refine:
-            return None
-        budget = self.spec.tax.budget
-        measured = {(t.user_attrs["ray_scale"], t.user_attrs["tax"]) for t in on_ray
-                    if "tax" in t.user_attrs}
-        if not measured:  # its points failed (and do not run again)
-            return None
-        points = sorted(measured | {(0.0, 0.0)})
-        feasible = [p for p in points if p[1] <= budget]
-        over = [p for p in points if p[1] > budget]
-        lo = max(feasible)
-        if budget - lo[1] <= RAY_CLOSE * budget:
-            return None
-        cap = min(self.space.high / v for v in ray if v > 0)
-        hi = min((p for p in over if p[0] > lo[0]), default=None)  # uneven tax: above lo only
-        if hi is not None:
-            if hi[0] - lo[0] <= RAY_CLOSE:
-                return None
-            scale = lo[0] + (budget - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
-            margin = 0.1 * (hi[0] - lo[0])  # stay inside the bracket
-            scale = min(max(scale, lo[0] + margin), hi[0] - margin)
-        else:
-            below = feasible[-2]  # the next feasible scale down (at least the base)
-            rise, run = lo[1] - below[1], lo[0] - below[0]
-            if rise > 0 and run > 0:
-                scale = min(cap, lo[0] + (budget - lo[1]) * run / rise)
-            elif lo[1] > 0:  # uneven tax: the slope from the base (scale 0, tax 0) instead
-                scale = min(cap, budget * lo[0] / lo[1])
-            else:
-                scale = cap
-            if scale - lo[0] <= RAY_CLOSE:
-                return None
-        return scale
+    # ------------------------------------------------------------------ the driver
 
     def finished(self) -> int:
-        from optuna.trial import TrialState
+        """Trials complete or pruned."""
+        return self.storage.get_n_trials(self.study_id, _FINISHED)
 
-        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                   for t in self.study.get_trials(deepcopy=False))
+    def claim(self, worker: str | None = None) -> optuna.Trial | None:
+        """The next trial, or None once ``n_trials`` are finished (in a shared study: finished
+        or running, the cap across workers). Call it under the job's "ask" lock where
+        workers share the study; ``worker`` is stored on the trial (its owner)."""
+        states = _TAKEN if self.live_running else _FINISHED
+        if self.storage.get_n_trials(self.study_id, states) >= self.spec.search.n_trials:
+            return None
+        self.refine_warm_start()
+        trial = self.study.ask()
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
+        return trial
 
-    # ------------------------------------------------------------------ trials
+    def fail_orphans(self, hooks: TrialHooks) -> bool:
+        """Fail the RUNNING trials of dead workers (their grid points go back in); True while
+        trials of live workers still run (wait for them: one may fail and free a slot)."""
+        alive = hooks.alive_workers() if hooks.alive_workers is not None else set()
+        failed, left = fail_stale_trials(self.study, lambda w: w not in alive,
+                                         hooks.stale_seconds)
+        for t in failed:
+            log.warning("search %s: trial %d of dead worker %s failed; it runs again",
+                        self.name, t.number, t.user_attrs.get("worker"))
+        if any(t.user_attrs.get("kind") == "uniform" for t in failed):
+            with hooks.lock("setup"):
+                self.enqueue_baseline()
+        return bool(failed) or left > 0
+
+    def run(self, hooks: TrialHooks | None = None, **hook_fields) -> None:
+        """Run trials until the cap or ``hooks.should_stop``: claim under the ask lock, run,
+        hand the record to ``hooks.on_trial``. Where the study is shared and the cap is
+        reached, wait while other live workers' trials run. ``hook_fields`` build the hooks
+        when none are given (``should_stop=``, ``on_trial=``...)."""
+        hooks = hooks or TrialHooks(**hook_fields)
+        while not hooks.should_stop():
+            with hooks.lock("ask"):
+                trial = self.claim(hooks.worker)
+            if trial is None:
+                if self.live_running and self.fail_orphans(hooks):
+                    time.sleep(hooks.poll_seconds)
+                    continue
+                log.info("search %s: %d trials finished", self.name, self.finished())
+                return
+            try:
+                record = self.run_trial(on_batch=hooks.on_batch, trial=trial)
+            except Exception as exc:
+                if hooks.on_error is not None:
+                    hooks.on_error(exc)
+                raise
+            if hooks.on_trial is not None:
+                hooks.on_trial(record)
+        log.info("search %s stopped after %d trials", self.name, self.finished())
 
     def run_trial(self, on_batch=None, trial=None) -> TrialRecord:
-        """Ask (unless given an asked ``trial``), merge, evaluate, tell: one trial."""
-        from optuna.trial import TrialState
-
+        """Merge, evaluate, tell one trial (claimed here unless an asked ``trial`` is given)."""
         if trial is None:
             self.refine_warm_start()
             trial = self.study.ask()
@@ -409,60 +296,21 @@ class Search:
         excess = (tax - self.spec.tax.budget) / max(self.spec.tax.budget, 1e-3)
         return reward - CMAES_PENALTY * max(spread, 1e-6) * excess
 
-    def run(self, *, progress: bool = False, should_stop: Callable[[], bool] | None = None,
-            on_trial: Callable[[TrialRecord], None] | None = None, on_batch=None) -> None:
-        """Run trials until ``n_trials`` are finished (complete or pruned) or ``should_stop``."""
-        total = self.spec.search.n_trials
-        bar = _bar(total, self.finished(), progress)
-        try:
-            while self.finished() < total:
-                if should_stop is not None and should_stop():
-                    log.info("search %s stopped after %d trials", self.name, self.finished())
-                    break
-                record = self.run_trial(on_batch=on_batch)
-                if on_trial is not None:
-                    on_trial(record)
-                if bar is not None:
-                    best = self.best()
-                    bar.set_postfix_str(
-                        f"best {best.reward:.4g} @ tax {best.tax:.3f}" if best else "none feasible",
-                        refresh=False)
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-
     # ------------------------------------------------------------------ results
 
     def records(self) -> list[TrialRecord]:
-        from optuna.trial import TrialState
-
-        out = []
-        for t in self.study.get_trials(deepcopy=False,
-                                       states=(TrialState.COMPLETE, TrialState.PRUNED)):
-            a = t.user_attrs
-            if "tax" not in a:
-                continue
-            out.append(TrialRecord(
-                t.number, a.get("kind", "search"), list(a["ratios"].values()), a.get("reward"),
-                a["tax"], bool(a.get("feasible")), int(a.get("stage", 2)), a.get("metrics", {}),
-                float(a.get("merge_seconds", 0.0)), float(a.get("eval_seconds", 0.0)),
-                a.get("uniform_ratio"), a.get("task_tax", {})))
-        return out
+        """The finished trials' records, in trial order."""
+        found = (TrialRecord.from_attrs(t.number, t.user_attrs)
+                 for t in self.study.get_trials(deepcopy=False, states=_FINISHED))
+        return [r for r in found if r is not None]
 
     def best(self, kind: str | None = None) -> TrialRecord | None:
         """The feasible trial of highest reward (of ``kind`` only when given)."""
-        feasible = [r for r in self.records() if r.feasible and r.reward is not None
-                    and (kind is None or r.kind == kind)]
-        return max(feasible, key=lambda r: (r.reward, -r.tax, -r.number), default=None)
+        return best_of(self.records(), kind)
 
     def pareto(self) -> list[TrialRecord]:
         """Feasible trials not dominated in (higher reward, lower tax)."""
-        pts = [r for r in self.records() if r.feasible and r.reward is not None]
-        front = [r for r in pts if not any(
-            (o.reward >= r.reward and o.tax <= r.tax) and (o.reward > r.reward or o.tax < r.tax)
-            for o in pts)]
-        return sorted(front, key=lambda r: r.tax)
+        return pareto_of(self.records())
 
     def measure_holdout(self, record: TrialRecord | None, on_batch=None) -> dict | None:
         if record is None or not self.evaluator.has_holdout:
@@ -476,33 +324,23 @@ class Search:
                on_batch=None) -> SearchResult:
         """Re-measure the best and the best uniform trial on the holdout; store the result."""
         records = self.records()
-        best, uniform = self.best(), self.best("uniform")
+        best, uniform = best_of(records), best_of(records, "uniform")
         best_h = self.measure_holdout(best, on_batch)
         same = uniform is not None and best is not None and uniform.number == best.number
         uniform_h = best_h if same else self.measure_holdout(uniform, on_batch)
-        n = len(records)
-        counts = {"finished": n, "complete": sum(r.stage == 2 for r in records),
-                  "pruned": sum(r.stage == 1 for r in records),
-                  "uniform": sum(r.kind == "uniform" for r in records)}
-        merge = sum(r.merge_seconds for r in records)
-        evaluation = sum(r.eval_seconds for r in records)
-        seconds = {"total": total_seconds, "base": base_seconds,
-                   "per_trial": (merge + evaluation) / n if n else math.nan,
-                   "merge_per_trial": merge / n if n else math.nan,
-                   "eval_per_trial": evaluation / n if n else math.nan}
-        result = SearchResult(self.name, _safe_url(self.storage), self.spec.mode,
-                              self.spec.tax.budget, self.slots, best, uniform, best_h, uniform_h,
-                              self.pareto(), counts, seconds, base_cached, records)
+        counts, seconds = summary(records, base_seconds=base_seconds, total_seconds=total_seconds)
+        result = SearchResult(self.name, self.storage_url, self.spec.mode, self.spec.tax.budget,
+                              self.slots, best, uniform, best_h, uniform_h, pareto_of(records),
+                              counts, seconds, base_cached, records)
         self.study.set_user_attr("result", jsonable(result.to_dict()))
         return result
 
 
 def load_job(spec: JobSpec, *, device: str | None = "auto"):
     """(LiveMerger, JobEvaluator) of a job: both checkpoints, tokenizer, data, reward model."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # the heavy data-plane imports load with a job
     from transformers.utils import logging as hf_logging
 
-    from service.settings import get_settings
     from workers.evaluate.job import JobEvaluator
     from workers.merge import LiveMerger
 
@@ -522,7 +360,6 @@ def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None,
                  on_batch=None) -> bool:
     """Write θ_base into the live model and measure it (from the cache in ``cache_dir``/base
     when there). Returns True on a cache hit."""
-    from service.settings import get_settings
     from workers.evaluate.job import base_cache_key
 
     spec = evaluator.spec
@@ -540,9 +377,8 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
                resume: bool = False, device: str | None = "auto", progress: bool = False,
                cache_dir: str | Path | None = None, should_stop=None, on_trial=None,
                log_fn: Callable[[str], None] | None = None) -> SearchResult:
-    """Load the models, measure θ_base (cached), run the study, re-measure on the holdout."""
-    from service.settings import get_settings
-
+    """One process's search (``hmaopt search``): load the models, measure θ_base (cached),
+    drive the study with the one driver, re-measure on the holdout."""
     say = log_fn or (lambda _msg: None)
     started = time.perf_counter()
     merger, evaluator = load_job(spec, device=device)
@@ -551,44 +387,28 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
     cached = measure_base(merger, evaluator, cache_dir=cache_dir or get_settings().cache_dir)
     base_seconds = time.perf_counter() - t0
     say(f"θ_base figures {'from cache' if cached else 'measured'} ({base_seconds:.1f} s)")
-    search.run(progress=progress, should_stop=should_stop, on_trial=on_trial)
+    bar = _bar(spec.search.n_trials, search.finished()) if progress else None
+
+    def after(record: TrialRecord) -> None:
+        if on_trial is not None:
+            on_trial(record)
+        if bar is not None:
+            best = search.best()
+            bar.set_postfix_str(f"best {best.reward:.4g} @ tax {best.tax:.3f}" if best
+                                else "none feasible", refresh=False)
+            bar.update(1)
+
+    try:
+        search.run(TrialHooks(should_stop=should_stop or (lambda: False), on_trial=after))
+    finally:
+        if bar is not None:
+            bar.close()
     say("re-measuring the best ratios and the best uniform ratio on the holdout data")
     return search.result(base_cached=cached, base_seconds=base_seconds,
                          total_seconds=time.perf_counter() - started)
 
 
-def _scale_on(ray: Sequence[float], vector: Sequence[float]) -> float | None:
-    """The scale s with ``vector`` = s x ``ray`` (within RAY_TOLERANCE per slot), else None."""
-    norm = sum(v * v for v in ray)
-    if norm == 0:
-        return None
-    scale = sum(v * w for v, w in zip(ray, vector)) / norm
-    if all(abs(w - scale * v) <= RAY_TOLERANCE for v, w in zip(ray, vector)):
-        return scale
-    return None
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
+def _bar(total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="trials", unit="trial", dynamic_ncols=True)
-
-
-def _safe_url(storage) -> str | None:
-    """The storage URL (of a URL or an RDBStorage) without a password."""
-    from service.db.session import safe_url
-
-    return safe_url(getattr(storage, "url", storage))
-
-
-def jsonable(value):
-    """NaN/inf -> None, for JSON and Optuna's storage."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from service.errors import ConflictError, SpecError
 from service.spec import JobSpec
 from tests.models import make_tiny_job
-from workers.search import Search, load_job, measure_base, run_search, study_name
+from workers.search import Search, TrialHooks, load_job, measure_base, run_search, study_name
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +271,88 @@ def test_warm_start_with_other_slots_is_a_clear_error(tiny):
     assert err.value.field == "search.warm_start"
     with pytest.raises(ValueError, match="warm_start ratios must"):
         JobSpec.model_validate({**tiny, "search": {**tiny["search"], "warm_start": [{"b": 2}]}})
+
+
+# ------------------------------------------------------------------ the driver, shared studies
+
+def _shared(tiny, url, n_trials=5, **kwargs):
+    """A service-style Search on a shared study (another worker may hold one like it)."""
+    spec = {**tiny, "search": {**tiny["search"], "n_trials": n_trials}}
+    return _search(spec, storage=url, name="hmaopt:shared", resume=True, live_running=True,
+                   **kwargs)
+
+
+def test_claim_caps_finished_and_running_trials_across_workers(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    a, b = _shared(tiny, url), _shared(tiny, url)
+    waiting = [t for t in b.study.get_trials() if t.state == TrialState.WAITING]
+    assert len(waiting) == 3  # the grid enqueued once, not once per worker
+    held = [a.claim("w-a"), b.claim("w-b"), a.claim("w-a")]
+    assert [t.user_attrs["uniform_ratio"] for t in held] == [0.0, 0.5, 1.0]
+    assert held[1].user_attrs["worker"] == "w-b"
+    a.run_trial(trial=held[0])
+    a.run_trial(trial=b.claim("w-b"))  # the 4th of 5: 1 finished + 3 running, then this
+    assert b.claim("w-b") is not None  # 5 taken now
+    assert a.claim("w-a") is None and b.claim("w-b") is None  # the cap holds for both
+    # the one-process (CLI) rule counts only finished trials: the running ones are leftovers
+    cli = _search({**tiny, "search": {**tiny["search"], "n_trials": 5}}, storage=url,
+                  name="hmaopt:shared", resume=True)
+    assert cli.finished() == 2 and cli.claim() is not None
+
+
+def test_orphans_of_dead_workers_fail_and_their_grid_point_goes_back(tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = _shared(tiny, url)
+    mine, theirs = s.claim("w-live"), s.claim("w-dead")
+    hooks = TrialHooks(alive_workers=lambda: {"w-live"})
+    assert s.fail_orphans(hooks)  # one failed, one still running: wait and look again
+    states = {t.number: t.state for t in s.study.get_trials()}
+    assert states[theirs.number] == TrialState.FAIL and states[mine.number] == TrialState.RUNNING
+    waiting = [t.user_attrs["uniform_ratio"] for t in s.study.get_trials()
+               if t.state == TrialState.WAITING]
+    assert 0.5 in waiting  # the dead worker's grid point is enqueued again
+    s.run_trial(trial=mine)
+    assert not s.fail_orphans(hooks)  # nothing running: nothing to wait for
+
+
+def test_run_waits_for_live_workers_then_ends_with_every_trial_done(tiny, tmp_path):
+    """The driver under a shared study: at the cap it waits while a live peer's trial runs,
+    fails a dead peer's trial and runs it itself, and stops when all n_trials are done."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = _shared(tiny, url, n_trials=4)
+    peer_dead = s.claim("w-dead")
+    peer_live = s.claim("w-live")
+    seen, polls = [], []
+
+    def alive():
+        polls.append(1)
+        if len(polls) == 2:  # the live peer finishes its trial while we wait
+            s.run_trial(trial=peer_live)
+        return {"w-me", "w-live"}
+
+    s.run(TrialHooks(worker="w-me", alive_workers=alive, poll_seconds=0,
+                     on_trial=lambda rec: seen.append(rec.number)))
+    finished = [t for t in s.study.get_trials() if t.state == TrialState.COMPLETE]
+    assert len(finished) == 4 and s.finished() == 4
+    assert peer_dead.number not in {t.number for t in finished}  # failed, re-run as another
+    assert sorted(t.user_attrs["uniform_ratio"] for t in finished
+                  if t.user_attrs["kind"] == "uniform") == [0.0, 0.5, 1.0]
+    assert peer_live.number not in seen and len(seen) == 3  # our own trials only
+    assert all(t.user_attrs["worker"] == "w-me" for t in finished
+               if t.number in seen)
+
+
+def test_hooks_stop_between_trials_and_see_a_failing_trial(tiny):
+    s = _search({**tiny, "search": {**tiny["search"], "n_trials": 5}})
+    errors = []
+
+    def boom(*_args):
+        raise RuntimeError("device lost")
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        s.run(TrialHooks(on_batch=boom, on_error=errors.append))
+    assert [str(e) for e in errors] == ["device lost"]
+    assert [t.state for t in s.study.get_trials()][:1] == [TrialState.FAIL]
+    calls = []
+    s.run(TrialHooks(should_stop=lambda: calls.append(1) or len(calls) > 2))
+    assert s.finished() == 2 and len(calls) == 3

@@ -1,0 +1,157 @@
+"""The warm-start ray: the next scale along a ratio vector's ray toward the tax budget.
+
+A merge's reward usually peaks at the budget, and along a ray (ratios x scale, scale 0 being
+the base model at tax 0) the tax rises with the scale. :func:`next_scale` turns the points
+measured on a ray into the next scale to try: the secant through the highest feasible point
+(or the base) and the lowest infeasible one above it, held a tenth of the bracket inside
+it; without an infeasible point, extrapolated from the next feasible point down, up to the
+ratio bounds. :class:`WarmStart` enqueues a job's warm-start vectors and the ray's points
+into its study; the search (workers/search.py) calls it at set-up and before each ask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+from optuna.trial import TrialState
+
+from service.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+#: a vector within this (per slot) of scale x the ray lies on the ray
+RAY_TOLERANCE = 1e-4
+#: stop refining once a feasible scale's tax is within this share of the budget, or the
+#: feasible and infeasible scales (or the next step) are this close
+RAY_CLOSE = 0.005
+
+
+def scale_on(ray: Sequence[float], vector: Sequence[float]) -> float | None:
+    """The scale s with ``vector`` = s x ``ray`` (within RAY_TOLERANCE per slot), else None."""
+    norm = sum(v * v for v in ray)
+    if norm == 0:
+        return None
+    scale = sum(v * w for v, w in zip(ray, vector)) / norm
+    if all(abs(w - scale * v) <= RAY_TOLERANCE for v, w in zip(ray, vector)):
+        return scale
+    return None
+
+
+def usable_ray(vector: Sequence[float], low: float, high: float) -> bool:
+    """Whether a ray's points stay unclipped: it runs from the base model (scale 0), so the
+    ratio bounds must admit 0, and the vector must lie inside them."""
+    return low <= 0 and all(0 <= v <= high for v in vector)
+
+
+def next_scale(ray: Sequence[float], measured: Iterable[tuple[float, float]], *,
+               budget: float, high: float) -> float | None:
+    """The next scale to measure on ``ray`` from its ``measured`` (scale, tax) points, or
+    None when refining is done (close enough to the budget, or the step would be under
+    ``RAY_CLOSE``). ``high`` is the upper ratio bound, which caps the scale."""
+    points = sorted(set(measured) | {(0.0, 0.0)})
+    feasible = [p for p in points if p[1] <= budget]
+    over = [p for p in points if p[1] > budget]
+    lo = max(feasible)
+    if budget - lo[1] <= RAY_CLOSE * budget:
+        return None
+    cap = min(high / v for v in ray if v > 0)
+    hi = min((p for p in over if p[0] > lo[0]), default=None)  # uneven tax: above lo only
+    if hi is not None:
+        if hi[0] - lo[0] <= RAY_CLOSE:
+            return None
+        scale = lo[0] + (budget - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+        margin = 0.1 * (hi[0] - lo[0])  # stay inside the bracket
+        return min(max(scale, lo[0] + margin), hi[0] - margin)
+    below = feasible[-2]  # the next feasible scale down (at least the base)
+    rise, run = lo[1] - below[1], lo[0] - below[0]
+    if rise > 0 and run > 0:
+        scale = min(cap, lo[0] + (budget - lo[1]) * run / rise)
+    elif lo[1] > 0:  # uneven tax: the slope from the base (scale 0, tax 0) instead
+        scale = min(cap, budget * lo[0] / lo[1])
+    else:
+        scale = cap
+    if scale - lo[0] <= RAY_CLOSE:
+        return None
+    return scale
+
+
+class WarmStart:
+    """The spec's ``search.warm_start`` vectors (kind 'warm') and, with ``warm_start_refine``,
+    the steps along the first vector's ray, in a job's study.
+
+    ``taken(kind)`` lists the trials of a kind that are done or waiting (the search's rule,
+    which in a shared study counts running ones too); ``live_running`` as in Search.
+    """
+
+    def __init__(self, search) -> None:
+        self.search = search
+        self.study = search.study
+        s = search.spec.search
+        self.vectors = [[float(v[slot]) for slot in search.slots]
+                        for v in self._checked(s.warm_start or [], search.slots)]
+        self.refine_limit = s.warm_start_refine
+        self.budget = search.spec.tax.budget
+        self.low, self.high = search.space.low, search.space.high
+        ray = self.vectors[0] if self.vectors and s.warm_start_refine else None
+        usable = ray is not None and search.spec.mean_ratio is None and \
+            usable_ray(ray, self.low, self.high)
+        self.ray = ray if usable else None
+        self._done = False
+
+    @staticmethod
+    def _checked(warm: list[dict], slots: list[str]) -> list[dict]:
+        for ratios in warm:
+            if set(ratios) != set(slots):
+                raise SpecError(f"search.warm_start names slots {sorted(ratios)}, but this "
+                                f"job's grouping has {slots}", field="search.warm_start")
+        return warm
+
+    def clipped(self, vector: Sequence[float]) -> dict[str, float]:
+        """The trial params of ``vector``, clipped to the ratio bounds."""
+        return dict(zip(self.search.space.param_names(),
+                        [min(max(v, self.low), self.high) for v in vector]))
+
+    def enqueue(self, taken: Callable[[str], list]) -> None:
+        """Enqueue the vectors not yet taken, after the uniform baseline."""
+        done = [t.user_attrs.get("warm_start") for t in taken("warm")
+                if not t.user_attrs.get("refine")]
+        for vector in self.vectors:
+            if vector in done:
+                done.remove(vector)
+                continue
+            attrs = {"kind": "warm", "warm_start": vector}
+            scale = scale_on(self.ray, vector) if self.ray else None
+            if scale is not None and all(self.low <= v <= self.high for v in vector):
+                attrs["ray_scale"] = scale  # on the ray, and not clipped off it
+            self.study.enqueue_trial(self.clipped(vector), user_attrs=attrs)
+
+    def refine(self) -> float | None:
+        """Enqueue the next point on the ray when one is due (:func:`next_scale`): one point
+        at a time, after every point on the ray has finished, at most ``warm_start_refine``.
+        Returns the scale enqueued."""
+        ray = self.ray
+        if self._done or ray is None or not any(v > 0 for v in ray):
+            return None
+        # a RUNNING point is under way only where other workers may run it (the service); a
+        # CLI study resumed after a crash has it stale, and leaves it out
+        live = self.search.live_running
+        on_ray = [t for t in self.study.get_trials(deepcopy=False)
+                  if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL
+                  and (live or t.state != TrialState.RUNNING)]
+        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
+            return None
+        refined = sum(bool(t.user_attrs.get("refine")) for t in on_ray)
+        measured = {(t.user_attrs["ray_scale"], t.user_attrs["tax"]) for t in on_ray
+                    if "tax" in t.user_attrs}
+        scale = None
+        if refined < self.refine_limit and measured:  # no measured point: they failed
+            scale = next_scale(ray, measured, budget=self.budget, high=self.high)
+        if scale is None:  # for good: this process stops looking (it reads every trial)
+            self._done = True
+            return None
+        vector = [v * scale for v in ray]
+        self.study.enqueue_trial(self.clipped(vector), user_attrs={
+            "kind": "warm", "warm_start": vector, "ray_scale": scale, "refine": True})
+        log.info("search %s: warm-start ray refined at scale %.4f", self.search.name, scale)
+        return scale
