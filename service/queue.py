@@ -19,9 +19,9 @@ from functools import lru_cache
 from service.db import jobs as job_db
 from service.db import session_scope
 from service.db import workers as worker_db
-from service.errors import DependencyUnavailableError
+from service.errors import ConflictError, DependencyUnavailableError
 from service.settings import Settings
-from service.status import JobStatus
+from service.status import ExportStatus, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ RESULT_TTL = 24 * 3600
 #: seconds after submission before reconcile may consider a job lost (its first enqueue may
 #: still be on the way)
 RECONCILE_GRACE_SECONDS = 5
+#: RQ's own job states (rq.job.JobStatus values) of a run still to be done or under way
 LIVE_RQ_STATES = {"queued", "started", "deferred", "scheduled"}
 #: RQ name of the worker with database id <id>: ``hmaopt-<id>``
 WORKER_PREFIX = "hmaopt-"
@@ -133,6 +134,28 @@ def enqueue_export(settings: Settings, job_id: str, out_dir: str, *,
     except redis.RedisError as exc:
         raise _redis_error(exc, url) from exc
     return job.id
+
+
+def request_export(settings: Settings, session, job, out_dir: str, *, field: str = "dir",
+                   overwrite: bool = False) -> str:
+    """Ask a worker to export the job's best merge into ``out_dir`` (already resolved inside
+    the model roots; ``field`` names it in errors): the one way an export starts (REST and
+    pipelines). Refused when the folder would overwrite an input, when the job has no
+    feasible trial, or while an export of it is under way (ConflictError). The row is marked
+    queued and flushed (locked) before Redis hears of it; the caller commits, so that when
+    Redis fails (DependencyUnavailableError) nothing of the request is kept. Returns the RQ
+    id."""
+    from service.paths import check_output
+    from service.spec import JobSpec
+
+    check_output(field, out_dir, JobSpec.model_validate(job.spec))
+    if job.best_ratios is None:
+        raise ConflictError(f"job {job.id} has no feasible trial to export yet")
+    if job.export_status is not None and ExportStatus(job.export_status).active:
+        raise ConflictError(f"job {job.id}: an export is already {job.export_status}")
+    job.export_status, job.export_dir, job.export_error = ExportStatus.QUEUED, out_dir, None
+    session.flush()
+    return enqueue_export(settings, job.id, out_dir, overwrite=overwrite)
 
 
 def live_runs(settings: Settings, job_id: str, runs_enqueued: int,

@@ -12,7 +12,8 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from service.db.models import Job, Trial
-from service.status import JobStatus
+from service.status import (DeliveryStatus, ExportStatus, JobStatus, PipelineRunStatus,
+                            TrialStatus, WorkerState)
 
 RATIOS = ("Ratio per group slot, the weight on the ALIGNED model: merged = base + ratio * "
           "(aligned - base); 0 = base, 1 = aligned.")
@@ -49,7 +50,8 @@ class Baseline(BaseModel):
 
 
 class ExportState(BaseModel):
-    status: str | None = Field(description="none yet, running, succeeded or failed")
+    status: ExportStatus | None = Field(description="none yet (null), queued, running, "
+                                        "succeeded or failed")
     dir: str | None
     error: str | None
     manifest: dict | None = None
@@ -93,7 +95,7 @@ class TrialPublic(BaseModel):
     number: int
     kind: str = Field(description="uniform (the vanilla-averaging baseline), warm (a "
                       "search.warm_start vector) or search")
-    state: str = Field(description="complete or pruned (stopped after stage 1)")
+    state: TrialStatus = Field(description="complete or pruned (stopped after stage 1)")
     ratios: dict[str, float] = Field(description=RATIOS)
     reward: float | None
     tax: float
@@ -121,7 +123,7 @@ class TrialPoints(BaseModel):
                                "trials: GET events?since=cursor continues from here")
     number: list[int]
     kind: list[str]
-    state: list[str]
+    state: list[TrialStatus]
     feasible: list[bool]
     reward: list[float | None]
     tax: list[float]
@@ -135,6 +137,104 @@ class ExportRequest(BaseModel):
     dir: str | None = Field(None, description="output folder inside the model roots (default: "
                             "the spec's export.dir)")
     overwrite: bool = False
+
+
+# ------------------------------------------------------------------------------ workers
+
+class WorkerPublic(BaseModel):
+    id: str
+    name: str
+    hostname: str
+    pid: int
+    device: str
+    state: WorkerState = Field(description="idle | busy | stopped | dead")
+    alive: bool = Field(description="reported within HMAOPT_WORKER_STALE_SECONDS")
+    job_id: str | None
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_seconds: float
+
+
+class WorkerList(BaseModel):
+    data: list[WorkerPublic]
+    count: int
+
+
+# ------------------------------------------------------------------------------ pipelines
+
+class PipelineOut(BaseModel):
+    id: str
+    name: str
+    spec: dict = Field(description="the pipeline spec, webhook secrets left out")
+    paused: bool
+    next_due_at: datetime | None = Field(description="the next scheduled run (UTC)")
+    champion_run_id: str | None = Field(description="the run whose merge `current` names")
+    created_by: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class PipelineCreated(PipelineOut):
+    webhook_secrets: dict[str, str] = Field(
+        {}, description="the secrets generated for hooks given without one, by URL: shown "
+        "once, here; keep them to verify the signatures")
+
+
+class RunOut(BaseModel):
+    id: str
+    pipeline_id: str
+    scheduled_for: datetime
+    trigger: str = Field(description="schedule, catch_up (a missed time run late) or manual")
+    status: PipelineRunStatus = Field(
+        description="pending, starting, running, remeasuring (the champion, on changed "
+        "data), deciding, promoting, switching, succeeded, skipped or failed")
+    checkpoint: str | None
+    base_checkpoint: str | None
+    job_id: str | None
+    warm_start: dict | None = Field(description="the previous run's best ratios and "
+                                    "uniform α this run started from")
+    decision: str | None = Field(description="promoted or kept (with the reason)")
+    reason: str | None
+    reward: float | None
+    tax: float | None
+    holdout_reward: float | None
+    holdout_tax: float | None
+    gain: float | None = Field(description="over the best feasible uniform α")
+    champion_reward: float | None
+    champion_job_id: str | None = Field(description="the job that re-measured the champion "
+                                        "on this run's data (when it changed)")
+    promoted_dir: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class PromotionOut(BaseModel):
+    id: int
+    run_id: str
+    action: str = Field(description="promote or rollback")
+    dir: str
+    previous_run_id: str | None
+    created_at: datetime
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    run_id: str | None
+    event: str
+    msg_id: str
+    url: str
+    status: DeliveryStatus = Field(description="pending, delivered or failed")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class Page(BaseModel):
+    data: list
+    count: int
 
 
 class Health(BaseModel):

@@ -1,4 +1,5 @@
-"""Queries on jobs and their trials. Routes and workers call these; no SQL elsewhere."""
+"""Queries on jobs and their trials. Routes, the scheduler and the workers call these; no
+SQL elsewhere (each table's queries live in its module of service.db)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from datetime import datetime
 
 from sqlalchemy import func, or_, select, update
 
+from service.db import workers as worker_db
 from service.db.models import Job, Trial, utcnow
 from service.errors import ConflictError, NotFoundError
-from service.status import TERMINAL, JobStatus
+from service.status import TERMINAL, ExportStatus, JobStatus, TrialStatus
 
 #: sortable columns of GET /v1/jobs/{id}/trials
 TRIAL_SORTS = {"number": Trial.number, "reward": Trial.reward, "tax": Trial.tax,
@@ -27,8 +29,13 @@ def create_job(session, spec: dict, *, n_trials: int, parallel: int = 1,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
     """A new queued job, or the existing one of the same idempotency key (created=False).
 
-    The same key with another spec is a ConflictError: a key names one request.
+    The same key with another spec is a ConflictError: a key names one request. Two
+    submissions of one key at the same moment: the one whose row lands second is rolled
+    back (with the rest of its session: call this first in a session when giving a key)
+    and gets the first one's job.
     """
+    from sqlalchemy.exc import IntegrityError
+
     digest = request_hash(spec)
     if idempotency_key is not None:
         old = session.scalar(select(Job).where(Job.token_id == token_id,
@@ -38,23 +45,31 @@ def create_job(session, spec: dict, *, n_trials: int, parallel: int = 1,
                 raise ConflictError(f"Idempotency-Key {idempotency_key!r} was used for another "
                                     f"job spec (job {old.id}); use a new key for a new job")
             return old, False
-    job = Job(id=uuid.uuid4().hex, name=spec["name"], status=JobStatus.QUEUED.value, spec=spec,
+    job = Job(id=uuid.uuid4().hex, name=spec["name"], status=JobStatus.QUEUED, spec=spec,
               n_trials=n_trials, parallel=parallel, token_id=token_id,
               submitted_by=submitted_by, idempotency_key=idempotency_key,
               request_hash=digest)
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # the same key, submitted at the same moment: the other won
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        return create_job(session, spec, n_trials=n_trials, parallel=parallel,
+                          token_id=token_id, submitted_by=submitted_by,
+                          idempotency_key=idempotency_key)
     return job, True
 
 
 def get_job(session, job_id: str, *, lock: bool = False) -> Job:
-    stmt = select(Job).where(Job.id == job_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    job = session.scalar(stmt)
-    if job is None:
-        raise NotFoundError(f"no job with id {job_id}")
-    return job
+    return Job.one_or_raise(session, Job.id == job_id, lock=lock,
+                            missing=f"no job with id {job_id}")
+
+
+def find_job(session, job_id: str | None) -> Job | None:
+    """The job, or None (no id, or no such row)."""
+    return None if job_id is None else session.get(Job, job_id)
 
 
 def list_jobs(session, *, status: list[str] | None = None, name: str | None = None,
@@ -92,7 +107,7 @@ def progress(job: Job) -> dict:
 def set_status(session, job_id: str, status: JobStatus, *, expect: set[JobStatus] | None = None,
                error: str | None = None, **fields) -> bool:
     """Move a job to ``status`` when its status is one of ``expect`` (atomic). True if moved."""
-    values = {"status": status.value, "updated_at": utcnow(), **fields}
+    values = {"status": status, "updated_at": utcnow(), **fields}
     if status in TERMINAL:
         values.setdefault("finished_at", utcnow())
     if status is JobStatus.RUNNING:  # the first start counts
@@ -101,7 +116,7 @@ def set_status(session, job_id: str, status: JobStatus, *, expect: set[JobStatus
         values["error"] = error
     stmt = update(Job).where(Job.id == job_id)
     if expect is not None:
-        stmt = stmt.where(Job.status.in_([s.value for s in expect]))
+        stmt = stmt.where(Job.status.in_(list(expect)))
     return session.execute(stmt.values(**values)).rowcount == 1
 
 
@@ -142,8 +157,8 @@ def refresh_progress(session, job_id: str) -> Job:
     job = get_job(session, job_id, lock=True)
     job.trials_finished = session.scalar(
         select(func.count()).where(Trial.job_id == job_id)) or 0
-    job.trials_pruned = session.scalar(
-        select(func.count()).where(Trial.job_id == job_id, Trial.state == "pruned")) or 0
+    job.trials_pruned = session.scalar(select(func.count()).where(
+        Trial.job_id == job_id, Trial.state == TrialStatus.PRUNED)) or 0
     best = _best(session, job_id)
     if best is not None:
         job.best_trial, job.best_reward, job.best_tax = best.number, best.reward, best.tax
@@ -164,9 +179,13 @@ def _best(session, job_id: str, kind: str | None = None) -> Trial | None:
     return session.scalar(stmt.order_by(Trial.reward.desc(), Trial.tax, Trial.number).limit(1))
 
 
-def best_trial(session, job_id: str) -> Trial | None:
+def best_trial(session, job_id: str) -> Trial:
+    """The feasible trial of highest reward so far (NotFoundError when none yet)."""
     get_job(session, job_id)
-    return _best(session, job_id)
+    best = _best(session, job_id)
+    if best is None:
+        raise NotFoundError(f"job {job_id} has no feasible trial yet")
+    return best
 
 
 def list_trials(session, job_id: str, *, sort: str = "number", desc: bool = False,
@@ -194,10 +213,14 @@ def trial_points(session, job_id: str) -> list[tuple]:
 
 def get_trial(session, job_id: str, number: int) -> Trial:
     get_job(session, job_id)
-    trial = session.scalar(select(Trial).where(Trial.job_id == job_id, Trial.number == number))
-    if trial is None:
-        raise NotFoundError(f"job {job_id} has no finished trial {number}")
-    return trial
+    return Trial.one_or_raise(session, Trial.job_id == job_id, Trial.number == number,
+                              missing=f"job {job_id} has no finished trial {number}")
+
+
+def uniform_trial(session, job_id: str, ratio: float) -> Trial | None:
+    """The job's finished uniform-baseline trial at ``ratio``, if any."""
+    return session.scalar(select(Trial).where(Trial.job_id == job_id, Trial.kind == "uniform",
+                                              Trial.uniform_ratio == ratio))
 
 
 def pareto_trials(session, job_id: str) -> list[Trial]:
@@ -254,7 +277,7 @@ def jobs_to_reconcile(session, grace_seconds: float = 0) -> list:
     return list(session.execute(select(
         Job.id, Job.status, Job.parallel, Job.runs_enqueued, Job.cancel_requested,
         Job.finalizer).where(
-        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+        Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
         Job.created_at < utcnow() - timedelta(seconds=grace_seconds))).all())
 
 
@@ -268,3 +291,58 @@ def trial_count(session) -> int:
 
 def age_seconds(when: datetime | None) -> float | None:
     return None if when is None else (utcnow() - when).total_seconds()
+
+
+# ------------------------------------------------------------------ a job run (the workers)
+
+def set_layout(session, job_id: str, layout: dict) -> bool:
+    """Store the grouping's layout on the job once; True when this call stored it."""
+    done = session.execute(update(Job).where(Job.id == job_id, Job.layout.is_(None))
+                           .values(layout=layout))
+    return done.rowcount == 1
+
+
+def write_result(session, job_id: str, result: dict) -> JobStatus:
+    """Store a search's result on a job still running (with its progress); the job's status
+    (anything but running: cancelled or failed meanwhile, and nothing written)."""
+    job = refresh_progress(session, job_id)
+    status = JobStatus(job.status)
+    if status is JobStatus.RUNNING:
+        job.result = result
+    return status
+
+
+def start_export(session, job_id: str, out_dir: str) -> tuple[dict, dict | None]:
+    """Mark the job's export running into ``out_dir``; (its spec, its best ratios)."""
+    job = get_job(session, job_id)
+    job.export_status, job.export_dir, job.export_error = ExportStatus.RUNNING, out_dir, None
+    return job.spec, job.best_ratios
+
+
+def finish_export(session, job_id: str, out_dir: str, status: ExportStatus, **fields) -> bool:
+    """Record the end of an export still ``running`` into ``out_dir``: the recovery may have
+    failed it meanwhile (its worker was declared dead), and another export may have started.
+    True when recorded."""
+    done = session.execute(update(Job).where(
+        Job.id == job_id, Job.export_status == ExportStatus.RUNNING, Job.export_dir == out_dir)
+        .values(export_status=status, **fields))
+    return done.rowcount == 1
+
+
+def recover_job(session, job_id: str, worker_id: str, *, export_error: str) -> tuple[bool, bool]:
+    """The job of a dead worker: its export fails (``export_error``) when it was running and
+    no other live worker is on the job; an unfinished job is freed for another worker
+    (its finaliser claim, and back to queued when nobody else runs it). Returns (the job is
+    unfinished: enqueue a run, its export was failed)."""
+    job = get_job(session, job_id)
+    unfinished = not JobStatus(job.status).terminal
+    others = [w for w in worker_db.alive(session, job_id=job_id) if w.id != worker_id]
+    orphaned = job.export_status == ExportStatus.RUNNING and not others
+    if orphaned:  # it died exporting: nobody else will finish it
+        job.export_status, job.export_error = ExportStatus.FAILED, export_error
+    if unfinished:
+        if job.finalizer == worker_id:  # it died writing the result: another worker will
+            job.finalizer = None
+        if not others:
+            set_status(session, job_id, JobStatus.QUEUED, expect={JobStatus.RUNNING})
+    return unfinished, orphaned

@@ -19,17 +19,13 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.status import (
-    DeliveryStatus,
-    ExportStatus,
-    JobStatus,
-    PipelineRunStatus,
-    TrialStatus,
-    WorkerState,
-)
+from service.errors import NotFoundError
+from service.status import (DeliveryStatus, ExportStatus, JobStatus, PipelineRunStatus,
+                            TrialStatus, WorkerState)
 
 
 def utcnow() -> datetime:
@@ -74,6 +70,18 @@ class StateString(TypeDecorator):
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict: JSON, list: JSON, datetime: UTCDateTime}
+
+    @classmethod
+    def one_or_raise(cls, session, *where, lock: bool = False, missing: str):
+        """The row matching ``where`` (``SELECT ... FOR UPDATE`` with ``lock``); NotFoundError
+        with the message ``missing`` when there is none."""
+        stmt = select(cls).where(*where)
+        if lock:
+            stmt = stmt.with_for_update()
+        row = session.scalar(stmt)
+        if row is None:
+            raise NotFoundError(missing)
+        return row
 
 
 class Job(Base):

@@ -13,6 +13,9 @@ A checkpoint folder counts as complete when all of these hold:
 The newest is the complete folder whose newest file is newest. Its fingerprint (sha256 of
 the names, sizes and modification times of its files) tells a run whether it already
 processed that checkpoint.
+
+:func:`check_pipeline` checks a pipeline's sources (and its promote folder and template)
+against the roots before its first run.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import SpecError
-from service.paths import resolve_path
-from service.pipelines.spec import Source
+from service.errors import PathNotAllowedError, SpecError
+from service.paths import resolve_job_paths, resolve_path
+from service.pipelines.spec import PipelineSpec, Source
 from service.settings import Settings
+from service.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -142,3 +146,36 @@ def newest_complete(source: Source, settings: Settings, field: str,
             return Found(str(sub), fingerprint(sub)), passed
         passed.append(f"{sub.name}: {reason}")
     return None, passed
+
+
+def check_pipeline(spec: PipelineSpec, settings: Settings) -> None:
+    """What can be checked of a pipeline before its first run: the sources and the promote
+    folder inside the model roots (the promote folder outside the sources), the template's
+    other paths inside their roots."""
+    for field, source in (("aligned", spec.aligned), ("base", spec.base)):
+        if source is None:
+            continue
+        raw = source.dir or source.path
+        sub = "dir" if source.dir else "path"
+        resolved = resolve_path(f"{field}.{sub}", raw, settings.model_roots, kind="model")
+        if source.dir and not Path(resolved).is_dir():
+            raise SpecError(f"{raw} is not a folder", field=f"{field}.dir")
+    promote = Path(resolve_path("promote.dir", spec.promote.dir, settings.model_roots,
+                                must_exist=False, kind="model"))
+    for field, source in (("aligned", spec.aligned), ("base", spec.base)):
+        if source is not None and source.dir is not None:
+            folder = Path(resolve_path(f"{field}.dir", source.dir, settings.model_roots,
+                                       kind="model"))
+            if promote == folder or promote.is_relative_to(folder):
+                raise PathNotAllowedError(f"promote.dir: {spec.promote.dir} lies in the "
+                                          f"{field} source folder: a promoted merge would be "
+                                          "taken as the next checkpoint")
+    # a path that exists for the template's aligned_model check: the source itself
+    any_checkpoint = resolve_path("aligned", spec.aligned.dir or spec.aligned.path,
+                                  settings.model_roots, kind="model")
+    paths = {"aligned_model": any_checkpoint}
+    if spec.base is not None:
+        paths["base_model"] = any_checkpoint
+    # validated again (not a model_copy): a JobSpec is never built unchecked
+    job = JobSpec.model_validate({**spec.job.model_dump(), **paths})
+    resolve_job_paths(job, settings)

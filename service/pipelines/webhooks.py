@@ -16,11 +16,12 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
-
+from service.db import pipelines as pipe_db
 from service.db import session_scope
-from service.db.models import Pipeline, WebhookDelivery, utcnow
+from service.db import webhooks as hook_db
+from service.db.models import Pipeline, PipelineRun, utcnow
 from service.settings import Settings
+from service.status import DeliveryStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,27 @@ def emit(session, pipeline: Pipeline, event: str, data: dict, run_id: str | None
             continue
         payload = {"type": event, "timestamp": now.isoformat(),
                    "data": {"pipeline": pipeline.name, "pipeline_id": pipeline.id, **data}}
-        session.add(WebhookDelivery(pipeline_id=pipeline.id, run_id=run_id, event=event,
-                                    msg_id=f"msg_{uuid.uuid4().hex}", url=hook["url"],
-                                    payload=payload, status="pending", attempts=0,
-                                    next_attempt_at=now, created_at=now))
+        hook_db.add_delivery(session, pipeline_id=pipeline.id, run_id=run_id, event=event,
+                             msg_id=f"msg_{uuid.uuid4().hex}", url=hook["url"],
+                             payload=payload, now=now)
         count += 1
     return count
+
+
+def emit_run(session, pipeline: Pipeline, event: str, run: PipelineRun,
+             now: datetime | None = None) -> int:
+    """Queue a run event (``run.started``, ``run.finished``, ...) with the run's fields."""
+    return emit(session, pipeline, event, run_data(run), run.id, now)
+
+
+def run_data(run: PipelineRun) -> dict:
+    """The fields of a run that its events carry."""
+    return {"run_id": run.id, "scheduled_for": run.scheduled_for.isoformat(),
+            "trigger": run.trigger, "status": run.status, "job_id": run.job_id,
+            "checkpoint": run.checkpoint, "decision": run.decision, "reason": run.reason,
+            "reward": run.reward, "tax": run.tax, "holdout_reward": run.holdout_reward,
+            "holdout_tax": run.holdout_tax, "gain": run.gain,
+            "champion_reward": run.champion_reward, "promoted_dir": run.promoted_dir}
 
 
 def sign(secret: str, msg_id: str, when: datetime, body: str) -> dict[str, str]:
@@ -63,24 +79,21 @@ def deliver_due(settings: Settings, now: datetime | None = None,
     deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
     url = settings.database()
     with session_scope(url) as s:
-        due = [d.id for d in s.scalars(select(WebhookDelivery).where(
-            WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.id).limit(100))]
+        due = hook_db.due_deliveries(s, now)
     delivered = 0
     for delivery_id in due:
         if deadline is not None and time.monotonic() > deadline:
             break
         with session_scope(url) as s:
-            d = s.scalar(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
-                         .with_for_update(skip_locked=True))  # another scheduler sends it
-            if d is None or d.status != "pending" or d.next_attempt_at > now:
+            d = hook_db.lock_delivery(s, delivery_id)  # None: another scheduler sends it
+            if d is None or d.status != DeliveryStatus.PENDING or d.next_attempt_at > now:
                 continue  # another scheduler sent it meanwhile
-            pipeline = s.get(Pipeline, d.pipeline_id)
+            pipeline = pipe_db.find_pipeline(s, d.pipeline_id)
             hook = next((h for h in (pipeline.spec.get("webhooks", []) if pipeline else [])
                          if h["url"] == d.url), None)
             d.attempts += 1
             if hook is None:
-                d.status, d.last_error = "failed", "the webhook was removed from the pipeline"
+                d.status, d.last_error = DeliveryStatus.FAILED, "the webhook was removed from the pipeline"
                 continue
             body = json.dumps(d.payload, separators=(",", ":"))
             sent_at = utcnow()
@@ -94,10 +107,10 @@ def deliver_due(settings: Settings, now: datetime | None = None,
             except httpx.HTTPError as exc:
                 ok, d.last_error = False, f"{type(exc).__name__}: {exc}"
             if ok:
-                d.status, d.delivered_at = "delivered", utcnow()
+                d.status, d.delivered_at = DeliveryStatus.DELIVERED, utcnow()
                 delivered += 1
             elif d.attempts > len(settings.webhook_backoff_seconds):
-                d.status = "failed"
+                d.status = DeliveryStatus.FAILED
                 log.warning("webhook %s %s to %s failed after %d attempts: %s", d.event,
                             d.msg_id, d.url, d.attempts, d.last_error)
             else:

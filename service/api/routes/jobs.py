@@ -18,10 +18,10 @@ from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetai
                                  trial_public)
 from service.db import jobs as job_db
 from service.db import session_scope
-from service.errors import ConflictError, DependencyUnavailableError, NotFoundError
-from service.paths import check_output, resolve_job_paths, resolve_path
+from service.errors import DependencyUnavailableError
+from service.paths import resolve_job_paths, resolve_path
 from service.spec import JobSpec
-from service.status import TERMINAL, JobStatus
+from service.status import TERMINAL, ExportStatus, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -45,18 +45,12 @@ def submit_job(spec: Annotated[JobSpec, Body()], caller: Operator, session: Sess
                    "first job instead of a new one")] = None):
     """Submit a merge-search job (the job-spec schema of the CLI file). Relative paths
     resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS)."""
-    from sqlalchemy.exc import IntegrityError
-
-    spec.check()
     resolved = resolve_job_paths(spec, settings)
-    fields = dict(n_trials=spec.search.n_trials, parallel=spec.search.workers,
-                  token_id=caller.id, submitted_by=caller.name, idempotency_key=idempotency_key)
-    try:
-        job, created = job_db.create_job(session, resolved.model_dump(mode="json"), **fields)
-        session.commit()  # the row is the truth: it exists before Redis hears of it
-    except IntegrityError:  # the same key, submitted at the same moment: the other won
-        session.rollback()
-        job, created = job_db.create_job(session, resolved.model_dump(mode="json"), **fields)
+    job, created = job_db.create_job(
+        session, resolved.model_dump(mode="json"), n_trials=spec.search.n_trials,
+        parallel=spec.search.workers, token_id=caller.id, submitted_by=caller.name,
+        idempotency_key=idempotency_key)
+    session.commit()  # the row is the truth: it exists before Redis hears of it
     if created:
         queue.enqueue_runs(settings, job.id, job.parallel)
         queue.publish(settings, job.id, "status", {"status": JobStatus.QUEUED.value})
@@ -147,10 +141,7 @@ def get_trial(job_id: str, number: int, _: Viewer, session: SessionDep):
     **ERRORS, 404: {"model": ErrorBody, "description": "no such job, or no feasible trial yet"}})
 def best_trial(job_id: str, _: Viewer, session: SessionDep):
     """The feasible trial (tax <= budget) of highest reward so far."""
-    best = job_db.best_trial(session, job_id)
-    if best is None:
-        raise NotFoundError(f"job {job_id} has no feasible trial yet")
-    return trial_public(best)
+    return trial_public(job_db.best_trial(session, job_id))
 
 
 @router.get("/{job_id}/pareto", response_model=TrialList, responses=ERRORS)
@@ -176,15 +167,9 @@ def export(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep,
     if raw is None:
         raise SpecError("give a dir (the spec has no export.dir)", field="dir")
     out = resolve_path("export.dir", raw, settings.model_roots, must_exist=False)
-    check_output("dir", out, JobSpec.model_validate(job.spec))
-    if job.best_ratios is None:
-        raise ConflictError(f"job {job_id} has no feasible trial to export yet")
-    if job.export_status in ("queued", "running"):
-        raise ConflictError(f"job {job_id}: an export is already {job.export_status}")
-    job.export_status, job.export_dir, job.export_error = "queued", out, None
+    queue.request_export(settings, session, job, out, overwrite=body.overwrite)
     session.commit()
-    queue.enqueue_export(settings, job_id, out, overwrite=body.overwrite)
-    return ExportState(status="queued", dir=out, error=None)
+    return ExportState(status=ExportStatus.QUEUED, dir=out, error=None)
 
 
 _STREAM_ID = re.compile(r"^(0|\d+-\d+)$")
