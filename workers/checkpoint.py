@@ -10,6 +10,10 @@ not a shard and never the model.
 
 Pickle checkpoints (``*.bin``, ``*.pt``) can run code when loaded; they are refused unless
 the caller passes ``allow_pickle=True``.
+
+Importing this module does not import torch: dtypes are kept by their safetensors names
+(``BF16``, ``F32``, ...) and torch is imported by the functions that make tensors, so the
+streaming export (workers/stream.py) runs without it.
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from service.errors import (
     CheckpointError,
@@ -32,6 +35,10 @@ from service.errors import (
     PickleRefusedError,
 )
 from service.files import read_mapping
+from workers.dtypes import DTYPE_SIZES, dtype_name, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +61,14 @@ SIDE_FILES = (
     "chat_template.json",
 )
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+def __getattr__(attr: str):  # DTYPES / DTYPE_NAMES, built (with torch) when first asked for
+    if attr == "DTYPES":
+        return {name: torch_dtype(name) for name in DTYPE_SIZES}
+    if attr == "DTYPE_NAMES":
+        return {torch_dtype(name): name for name in DTYPE_SIZES}
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -78,14 +78,18 @@ class TensorInfo:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype_name: str  # safetensors name: "BF16", "F32", ...
     shape: tuple[int, ...]
     begin: int = 0  # absolute byte offsets in the file (safetensors only)
     end: int = 0
 
     @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype_name]
 
 
 @dataclass
@@ -132,7 +136,7 @@ class Checkpoint:
             ckpt = cls(path, config, "pickle", {}, files)
             for file in files:
                 for name, t in ckpt._load_pickle(file).items():
-                    ckpt.tensors[name] = TensorInfo(name, file, t.dtype, tuple(t.shape))
+                    ckpt.tensors[name] = TensorInfo(name, file, dtype_name(t.dtype), tuple(t.shape))
             return ckpt
         raise NotFoundError(
             f"no weights in {path}: expected {SAFE_SINGLE} or {SAFE_INDEX} (safetensors)"
@@ -145,6 +149,8 @@ class Checkpoint:
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor into fresh memory (no mmap) and move it to ``device``."""
+        import torch
+
         info = self.tensors[name]
         if self.format == "pickle":
             return self._load_pickle(info.file)[name].to(device, copy=True)
@@ -163,6 +169,8 @@ class Checkpoint:
         return tensor.to(device) if str(device) != "cpu" else tensor
 
     def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        import torch
+
         if file not in self._pickle_cache:
             self._pickle_cache.clear()  # keep one file loaded at a time
             try:
@@ -189,8 +197,8 @@ def check_compatible(base: Checkpoint, aligned: Checkpoint, *, max_listed: int =
         b, a = base.tensors[name], aligned.tensors[name]
         if b.shape != a.shape:
             problems.append(f"tensor {name}: shape {list(b.shape)} vs {list(a.shape)}")
-        elif b.dtype != a.dtype:
-            problems.append(f"tensor {name}: dtype {_dname(b.dtype)} vs {_dname(a.dtype)}")
+        elif b.dtype_name != a.dtype_name:
+            problems.append(f"tensor {name}: dtype {b.dtype_name} vs {a.dtype_name}")
     if problems:
         more = f" (and {len(problems) - max_listed} more)" if len(problems) > max_listed else ""
         raise CheckpointMismatchError(
@@ -220,15 +228,20 @@ def sha256_files(files: Iterable[Path]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """A tensor to be written: its name, output dtype and shape."""
+    """A tensor to be written: its name, output dtype (a safetensors name or a torch.dtype)
+    and shape."""
 
     name: str
-    dtype: torch.dtype
+    dtype: Any
     shape: tuple[int, ...]
 
     @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype_name]
 
 
 def plan_shards(tensors: Sequence[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
@@ -254,6 +267,25 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
+def shard_header(plans: Sequence[TensorPlan], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's first bytes: the length, then the JSON header of ``plans``.
+
+    The data starts 8-byte aligned, in the order of ``plans``.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for p in plans:
+        header[p.name] = {
+            "dtype": p.dtype_name,
+            "shape": list(p.shape),
+            "data_offsets": [offset, offset + p.nbytes],
+        }
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def write_shard(
     file: Path,
     plans: Sequence[TensorPlan],
@@ -261,23 +293,13 @@ def write_shard(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write one safetensors file: the header from ``plans``, then each produced tensor."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for p in plans:
-        header[p.name] = {
-            "dtype": DTYPE_NAMES[p.dtype],
-            "shape": list(p.shape),
-            "data_offsets": [offset, offset + p.nbytes],
-        }
-        offset += p.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    import torch
+
     with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(shard_header(plans, metadata))
         for p in plans:
             t = produce(p)
-            if t.dtype != p.dtype or tuple(t.shape) != p.shape:
+            if dtype_name(t.dtype) != p.dtype_name or tuple(t.shape) != p.shape:
                 raise CheckpointError(
                     f"internal: {p.name} produced {t.dtype} {tuple(t.shape)}, "
                     f"planned {p.dtype} {p.shape}"
@@ -297,10 +319,6 @@ def write_index(folder: Path, shards: Sequence[Sequence[TensorPlan]], names: Seq
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _dname(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype))
 
 
 def _read_json(file: Path, *, what: str) -> dict:
@@ -359,7 +377,9 @@ def _safetensors_header(file: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[meta["dtype"]]
+            dtype = meta["dtype"]
+            if dtype not in DTYPE_SIZES:
+                raise KeyError(dtype)
             b, e = meta["data_offsets"]
             shape = tuple(int(d) for d in meta["shape"])
         except (KeyError, TypeError, ValueError) as exc:

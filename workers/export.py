@@ -2,10 +2,14 @@
 
 The output folder gets safetensors shards (``max_shard_bytes`` each at most), the index when
 there is more than one shard, the config, generation config and tokenizer files (from the
-aligned checkpoint, else the base), and ``hma_manifest.json``. Each tensor is read from both
-checkpoints, merged and written before the next is read, so peak memory is the tensors in
-flight, independent of the model size. Everything is written to a temporary folder beside
-the target, which is renamed into place only when complete.
+aligned checkpoint, else the base), and ``hma_manifest.json``. Everything is written to a
+temporary folder beside the target, synced, and renamed into place only when complete.
+
+Two safetensors checkpoints of F32, F16 or BF16 floats (the common case) are merged by the
+torch-free pipeline in workers/stream.py: reading, hashing, merging and writing overlap,
+and peak memory is its fixed slots, independent of the model size. Anything else (pickle,
+F64 or F8 tensors) takes the torch path: each tensor read from both checkpoints, merged by
+:func:`workers.merge.lerp_merge` and written before the next is read.
 """
 
 from __future__ import annotations
@@ -20,11 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from service._version import __version__
-from service.errors import ConflictError
+from service.errors import ConflictError, SpecError
 from service.settings import DEFAULT_MAX_SHARD_BYTES
 from service.spec import GroupSpec
 from workers.checkpoint import (
@@ -38,13 +41,19 @@ from workers.checkpoint import (
     write_index,
     write_shard,
 )
+from workers.dtypes import FLOAT_DTYPES, TORCH_NAMES, dtype_name
 from workers.grouping import Grouping, build_grouping
-from workers.merge import lerp_merge
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "hma_manifest.json"
 FORMULA = "merged = base + ratio * (aligned - base)  (torch.lerp; ratio = weight on the ALIGNED model)"
+#: ``--dtype`` names (as workers.device.parse_dtype) -> safetensors names.
+DTYPE_ARGS = {"float32": "F32", "fp32": "F32", "bfloat16": "BF16", "bf16": "BF16",
+              "float16": "F16", "fp16": "F16", "float64": "F64"}
 
 
 @dataclass(frozen=True)
@@ -65,13 +74,20 @@ def export_merge(
     *,
     allow_extrapolation: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    sync: bool = True,
 ) -> ExportResult:
-    """Merge ``base_model`` and ``aligned_model`` with per-group ``ratios`` into folder ``out``."""
+    """Merge ``base_model`` and ``aligned_model`` with per-group ``ratios`` into folder ``out``.
+
+    ``dtype``: a ``torch.dtype``, a name (``bfloat16``, ``float32``, ...; ``auto`` or None
+    keeps the checkpoint's). ``sync``: fsync the files and folders before and after the
+    rename, so a finished export survives a crash.
+    """
     started = time.perf_counter()
+    asked = _dtype_arg(dtype)
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise ConflictError(f"{out} already exists; choose another folder or allow overwriting")
@@ -82,7 +98,7 @@ def export_merge(
     ratios = grouping.check_ratios(ratios, allow_extrapolation=allow_extrapolation)
 
     plans = [
-        TensorPlan(name, _out_dtype(info.dtype, dtype), info.shape)
+        TensorPlan(name, _out_dtype(info.dtype_name, asked), info.shape)
         for name, info in base.tensors.items()
     ]
     shards = plan_shards(plans, max_shard_bytes)
@@ -93,22 +109,25 @@ def export_merge(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     bar = _progress(total, progress, f"export {out.name}")
     try:
-        def produce(plan: TensorPlan) -> torch.Tensor:
-            merged = lerp_merge(
-                base.read(plan.name), aligned.read(plan.name),
-                grouping.ratio_of(plan.name, ratios), out_dtype=plan.dtype,
-            )
-            bar.update(plan.nbytes)
-            return merged
+        if _streamable(base, aligned, plans):
+            from workers.stream import stream_merge
 
-        for fname, shard in zip(names, shards):
-            write_shard(tmp / fname, shard, produce)
+            hashes = stream_merge(base, aligned, shards, names, tmp,
+                                  lambda name: grouping.ratio_of(name, ratios),
+                                  sync=sync, on_bytes=bar.update)
+        else:
+            _torch_merge(base, aligned, grouping, ratios, shards, names, tmp, bar)
+            hashes = None
         if len(shards) > 1:
             write_index(tmp, shards, names)
-        _copy_side_files(base, aligned, tmp, dtype)
-        manifest = _manifest(base, aligned, grouping, ratios, dtype, names, total)
+        _copy_side_files(base, aligned, tmp, asked)
+        manifest = _manifest(base, aligned, grouping, ratios, asked, names, total, hashes)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if sync:
+            _sync_folder(tmp, skip=set(names) if hashes is not None else set())
         _replace_dir(tmp, out)
+        if sync:
+            _fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,15 +138,50 @@ def export_merge(
     return ExportResult(out, tuple(names), total, seconds, manifest)
 
 
-def _out_dtype(src: torch.dtype, asked: torch.dtype | None) -> torch.dtype:
-    return asked if asked is not None and src.is_floating_point else src
+def _dtype_arg(dtype: Any) -> str | None:
+    """The safetensors name of the asked output dtype; None keeps the checkpoint's."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str) and dtype not in DTYPE_ARGS:
+        raise SpecError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16, float16 or float64",
+                        field="dtype")
+    return DTYPE_ARGS[dtype] if isinstance(dtype, str) else dtype_name(dtype)
 
 
-def _copy_side_files(base: Checkpoint, aligned: Checkpoint, dest: Path, dtype: torch.dtype | None) -> None:
+def _out_dtype(src: str, asked: str | None) -> str:
+    return asked if asked is not None and src in FLOAT_DTYPES else src
+
+
+def _streamable(base: Checkpoint, aligned: Checkpoint, plans: Sequence[TensorPlan]) -> bool:
+    from workers.lerp_numpy import supported
+
+    return base.format == aligned.format == "safetensors" and all(
+        supported(base.tensors[p.name].dtype_name, p.dtype_name) for p in plans
+    )
+
+
+def _torch_merge(base: Checkpoint, aligned: Checkpoint, grouping: Grouping, ratios, shards,
+                 names, tmp: Path, bar) -> None:
+    """One tensor at a time with torch: pickle checkpoints, F64 and F8 tensors."""
+    from workers.dtypes import torch_dtype
+    from workers.merge import lerp_merge
+
+    def produce(plan: TensorPlan):
+        merged = lerp_merge(
+            base.read(plan.name), aligned.read(plan.name),
+            grouping.ratio_of(plan.name, ratios), out_dtype=torch_dtype(plan.dtype_name),
+        )
+        bar.update(plan.nbytes)
+        return merged
+
+    for fname, shard in zip(names, shards):
+        write_shard(tmp / fname, shard, produce)
+
+
+def _copy_side_files(base: Checkpoint, aligned: Checkpoint, dest: Path, dtype: str | None) -> None:
     config = dict(aligned.config)
     if dtype is not None:
-        name = str(dtype).removeprefix("torch.")
-        config["dtype"] = name
+        config["dtype"] = TORCH_NAMES[dtype]
         config.pop("torch_dtype", None)
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for fname in SIDE_FILES:
@@ -139,7 +193,8 @@ def _copy_side_files(base: Checkpoint, aligned: Checkpoint, dest: Path, dtype: t
 
 def _manifest(
     base: Checkpoint, aligned: Checkpoint, grouping: Grouping, ratios: Sequence[float],
-    dtype: torch.dtype | None, shards: Sequence[str], total: int,
+    dtype: str | None, shards: Sequence[str], total: int,
+    hashes: dict[str, dict[str, str]] | None = None,
 ) -> dict:
     return {
         "hmaopt_version": __version__,
@@ -150,11 +205,11 @@ def _manifest(
         "aligned_model": str(aligned.path.absolute()),
         "architecture": base.architecture,
         **grouping.describe(list(ratios)),
-        "dtype": str(dtype).removeprefix("torch.") if dtype else "as checkpoint",
+        "dtype": TORCH_NAMES[dtype] if dtype else "as checkpoint",
         "compute_dtype": "float32 (float64 for float64 tensors)",
         "shards": list(shards),
         "total_bytes": total,
-        "source_sha256": {
+        "source_sha256": hashes or {  # hashed while read by the stream, else a pass here
             "base": sha256_files(base.weight_files),
             "aligned": sha256_files(aligned.weight_files),
         },
@@ -170,6 +225,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path, *, skip: set[str]) -> None:
+    """fsync every file in ``folder`` (but ``skip``: synced already), then the folder."""
+    for f in folder.iterdir():
+        if f.name not in skip and f.is_file():
+            _fsync_path(f)
+    _fsync_path(folder)
 
 
 class _NoBar:

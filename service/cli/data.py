@@ -86,8 +86,7 @@ def add_world(sub) -> None:
 def merge_command(args: argparse.Namespace) -> int:
     """Write lerp(base, aligned, ratio_of_group) as a new Hugging Face checkpoint with
     hma_manifest.json."""
-    from workers.device import parse_dtype
-    from workers.export import export_merge
+    from workers.export import export_merge  # torch-free for safetensors checkpoints
 
     settings = get_settings()
     spec = GroupSpec.parse_arg(args.groups, split_attn_mlp=args.split_attn_mlp,
@@ -98,7 +97,7 @@ def merge_command(args: argparse.Namespace) -> int:
         args.base, args.aligned, args.out, spec, args.ratios,
         allow_extrapolation=args.allow_extrapolation,
         max_shard_bytes=args.max_shard_size or settings.max_shard_bytes,
-        dtype=parse_dtype(args.dtype),
+        dtype=args.dtype,
         allow_pickle=args.allow_pickle or settings.allow_pickle,
         overwrite=args.overwrite,
         progress=show_progress(args),

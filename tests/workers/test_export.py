@@ -158,3 +158,29 @@ def test_export_memory_is_bounded_by_tensors_in_flight(tmp_path):
     assert stats["growth"] < bound, stats
     assert stats["growth"] < model_bytes / 2, stats
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= 6
+
+
+def test_manifest_hashes_equal_an_independent_sha256(tmp_path):
+    """Hashed while streamed: the manifest's sha256 of every source shard is the file's own."""
+    base = make_tiny(tmp_path / "b", "llama", seed=0, max_shard_size="30KB", dtype=torch.bfloat16)
+    aligned = make_tiny(tmp_path / "a", "llama", seed=1, max_shard_size="30KB", dtype=torch.bfloat16)
+    res = export_merge(base, aligned, tmp_path / "out", BLOCKS2, (0.3, 0.7))
+    manifest = json.loads((res.out / MANIFEST).read_text())
+    for which, folder in (("base", base), ("aligned", aligned)):
+        files = sorted(folder.glob("*.safetensors"))
+        assert len(files) > 1
+        assert manifest["source_sha256"][which] == {
+            f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_cli_merge_of_safetensors_imports_no_torch(tmp_path, llama_pair):
+    script = textwrap.dedent(f"""
+        import sys
+        from service.cli import main
+        code = main(["merge", "--base", {str(llama_pair[0])!r}, "--aligned", {str(llama_pair[1])!r},
+                     "--groups", "blocks:2", "--ratios", "0.2,0.6", "--dtype", "bfloat16",
+                     "--out", {str(tmp_path / 'out')!r}])
+        assert code == 0 and "torch" not in sys.modules, sorted(m for m in sys.modules if "torch" in m)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.bfloat16}
