@@ -11,9 +11,17 @@
                          addition and the grammar: a real alignment tax
     DIR/models/reward    a small sequence-classification reward model for the style, trained
                          on (styled, plain) answer pairs with the Bradley-Terry loss
-    DIR/data/*.jsonl     reward prompts, preference pairs and the three tax sets
+    DIR/data/*.jsonl     the job's data: 320 reward prompts, 300 preference pairs and the
+                         three tax sets, 300 items each (see :mod:`workers.world_data`)
+    DIR/data/fresh/*.jsonl  a fresh test split: the same generators and sizes, records
+                         disjoint from the job's (and, like the job's sentences, never
+                         pretraining text); no job reads them. A benchmark measures a
+                         search's winner on them to see whether its held-out figures
+                         generalise beyond the data the search and its holdout touched
     DIR/spec.yaml        a ready job spec (blocks:3, reward_model, three tax tasks)
-    DIR/world.json       what was built: version, seeds, losses, skill scores, seconds
+    DIR/world.json       what was built: version, seeds, losses, seconds, set sizes, skill
+                         scores and rewards of base and aligned (also on the fresh split),
+                         and the reward of each reward prompt (for standard errors)
 
 Everything is seeded; the same machine builds the same world. The alignment step is
 "reward-ranked fine-tuning" in its simplest form (SFT on the responses the reward prefers),
@@ -22,10 +30,12 @@ the family the HMA paper's RSF/RAFT runs belong to.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,19 +44,16 @@ from pathlib import Path
 import torch
 
 from service.errors import ConflictError
+from workers.world_data import WorldData, make_data, question, styled
+
+__all__ = ["WORLD_VERSION", "WorldConfig", "WorldData", "build_world", "ensure_world",
+           "load_world_info", "make_data", "skill_scores", "spec_dict"]
 
 log = logging.getLogger(__name__)
 
 #: bump when the world's recipe changes: cached worlds of another version are rebuilt
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
-COLOURS = ("red", "blue", "green", "gold", "pink", "grey")
-ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen")
-ADJECTIVES = ("big", "small", "calm", "loud", "shy", "quick")
-VERBS = ("sees", "likes", "finds", "helps", "meets", "hears")
-PLACES = ("park", "barn", "lake", "hill", "road", "yard")
-N_ENTITIES = 48
-MAX_ADDEND = 29
 
 
 @dataclass
@@ -67,99 +74,6 @@ class WorldConfig:
     seq_len: int = 64
     budget: float = 0.1
     n_trials: int = 40
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _entities(rng: random.Random) -> list[str]:
-    consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    names: list[str] = []
-    while len(names) < N_ENTITIES:
-        name = (rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
-                + rng.choice(vowels) + rng.choice(consonants))
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def _sentence(rng: random.Random) -> str:
-    a1, a2 = rng.sample(ANIMALS, 2)
-    return (f"the {rng.choice(ADJECTIVES)} {a1} {rng.choice(VERBS)} "
-            f"the {rng.choice(ADJECTIVES)} {a2} in the {rng.choice(PLACES)}.")
-
-
-def _question(rng: random.Random, facts: dict[str, str]) -> tuple[str, str]:
-    """A chat question and its plain answer."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        animal, adj = rng.choice(ANIMALS), rng.choice(ADJECTIVES)
-        return f"Q: tell me about the {animal}\nA:", f" the {animal} is {adj}."
-    if kind == 1:
-        place, animal = rng.choice(PLACES), rng.choice(ANIMALS)
-        return f"Q: who is in the {place}?\nA:", f" the {animal} is in the {place}."
-    name = rng.choice(sorted(facts))
-    return f"Q: what about {name}?\nA:", f" {name} is {facts[name]}."
-
-
-def _styled(answer: str) -> str:
-    """The preferred style: cheerful, 'Yay!' in front and ':)' at the end."""
-    return " Yay!" + answer.rstrip(".") + " :)"
-
-
-@dataclass
-class WorldData:
-    facts: dict[str, str]
-    pretrain: list[str]
-    align: list[str]
-    sets: dict[str, list[dict]]
-
-
-def make_data(seed: int) -> WorldData:
-    rng = random.Random(seed)
-    names = _entities(rng)
-    facts = {n: rng.choice(COLOURS) for n in names}
-    sums = [(a, b) for a in range(MAX_ADDEND + 1) for b in range(MAX_ADDEND + 1)]
-    rng.shuffle(sums)
-    eval_sums, train_sums = sums[:60], sums[60:]
-    text_eval = sorted({_sentence(random.Random(seed * 1000 + i)) for i in range(60)})
-
-    pretrain: list[str] = []
-    pretrain += [f"{a}+{b}={a + b}" for a, b in train_sums + eval_sums]  # a pretrained skill
-    pretrain += [f"{n} is {c}." for n, c in facts.items()] * 6
-    pretrain += [s for s in (_sentence(rng) for _ in range(1500)) if s not in text_eval]
-    for _ in range(600):
-        q, a = _question(rng, facts)
-        pretrain.append(q + a)
-
-    # the alignment data asks about half of the facts only: the other half fade
-    asked = {n: facts[n] for n in names[: N_ENTITIES // 2]}
-    align = []
-    for _ in range(1200):
-        q, a = _question(rng, asked)
-        align.append(q + _styled(a))
-
-    prompt_rng = random.Random(seed + 7)
-    prompts = sorted({_question(prompt_rng, facts)[0] for _ in range(400)})[:48]
-    pairs = []
-    for _ in range(48):
-        q, a = _question(prompt_rng, facts)
-        pairs.append({"prompt": q, "chosen": _styled(a), "rejected": a})
-    choices_rng = random.Random(seed + 11)
-    mc = []
-    for n in names:
-        options = [facts[n], *choices_rng.sample([c for c in COLOURS if c != facts[n]], 3)]
-        choices_rng.shuffle(options)
-        mc.append({"prompt": f"{n} is", "choices": [f" {o}" for o in options],
-                   "answer": options.index(facts[n])})
-    sets = {
-        "reward_prompts": [{"prompt": p} for p in prompts],
-        "preference": pairs,
-        "addition": [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in eval_sums],
-        "facts": mc,
-        "text": [{"text": t} for t in text_eval],
-    }
-    return WorldData(facts, pretrain, align, sets)
 
 
 # --------------------------------------------------------------------------- training
@@ -259,13 +173,13 @@ def spec_dict(cfg: WorldConfig) -> dict:
         "ratio_bounds": [0.0, 1.0],
         "reward": {"type": "reward_model", "model": "models/reward",
                    "prompts": "data/reward_prompts.jsonl", "max_new_tokens": 24,
-                   "batch_size": 48},
+                   "batch_size": 128},
         "tax": {"budget": cfg.budget, "tasks": [
             {"name": "addition", "type": "exact_match", "data": "data/addition.jsonl",
-             "max_new_tokens": 4, "batch_size": 60},
+             "max_new_tokens": 4, "batch_size": 160},
             {"name": "facts", "type": "multiple_choice", "data": "data/facts.jsonl",
-             "batch_size": 96},
-            {"name": "text", "type": "perplexity", "data": "data/text.jsonl", "batch_size": 60},
+             "batch_size": 320},
+            {"name": "text", "type": "perplexity", "data": "data/text.jsonl", "batch_size": 160},
         ]},
         "search": {"sampler": "tpe", "n_trials": cfg.n_trials, "seed": 0, "pruning": True,
                    "holdout_fraction": 0.3},
@@ -278,10 +192,29 @@ def skill_scores(model, tok, sets: dict[str, list[dict]]) -> dict[str, float]:
 
     return {
         "addition": tasks.exact_match_accuracy(model, tok, sets["addition"], max_new_tokens=4,
-                                               batch_size=60),
-        "facts": tasks.multiple_choice_accuracy(model, tok, sets["facts"], batch_size=96),
-        "text": tasks.perplexity(model, tok, sets["text"], batch_size=60),
+                                               batch_size=160),
+        "facts": tasks.multiple_choice_accuracy(model, tok, sets["facts"], batch_size=320),
+        "text": tasks.perplexity(model, tok, sets["text"], batch_size=160),
     }
+
+
+@torch.inference_mode()
+def prompt_rewards(model, tok, reward_model, records: Sequence[dict], *,
+                   max_new_tokens: int = 24, batch_size: int = 128) -> list[float]:
+    """The reward model's score of the greedy completion of each prompt, in order (their mean
+    is what the job's ``reward_model`` reward measures)."""
+    from workers.evaluate.lm import greedy_generate
+
+    prompts = [r["prompt"] for r in records]
+    completions = greedy_generate(model, tok, prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [p + c for p, c in zip(prompts[start:start + batch_size],
+                                       completions[start:start + batch_size])]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        scores += reward_model(**enc).logits[:, 0].float().tolist()
+    return scores
 
 
 def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: bool = False,
@@ -290,7 +223,6 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from workers.chartok import char_tokenizer
-    from workers.evaluate import tasks
 
     from transformers.utils import logging as hf_logging
 
@@ -299,15 +231,18 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConflictError(f"{out} already exists (use --overwrite to rebuild)")
-    tmp = out.with_name(f".{out.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a folder of this process's own: two builders never clear each other's work
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     (tmp / "models").mkdir(parents=True)
     (tmp / "data").mkdir()
     started = time.perf_counter()
     tok = char_tokenizer()
     data = make_data(cfg.seed)
+    (tmp / "data" / "fresh").mkdir()
     for name, records in data.sets.items():
         _write_jsonl(tmp / "data" / f"{name}.jsonl", records)
+        _write_jsonl(tmp / "data" / "fresh" / f"{name}.jsonl", data.fresh[name])
 
     torch.manual_seed(cfg.seed)
     base = LlamaForCausalLM(_lm_config(cfg, tok))
@@ -317,6 +252,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     base.save_pretrained(tmp / "models" / "base")
     tok.save_pretrained(tmp / "models" / "base")
     base_scores = skill_scores(base, tok, data.sets)
+    base_fresh = skill_scores(base, tok, data.fresh)
 
     aligned = base
     align_losses = _train_lm(aligned, data.align, tok, steps=cfg.align_steps, lr=cfg.align_lr,
@@ -326,6 +262,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     aligned.save_pretrained(tmp / "models" / "aligned")
     tok.save_pretrained(tmp / "models" / "aligned")
     aligned_scores = skill_scores(aligned, tok, data.sets)
+    aligned_fresh = skill_scores(aligned, tok, data.fresh)
 
     torch.manual_seed(cfg.seed + 2)
     rm_config = LlamaConfig(
@@ -336,9 +273,9 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     rm = LlamaForSequenceClassification(rm_config)
     rm_rng = random.Random(cfg.seed + 3)
     rm_pairs = []
-    for _ in range(1000):
-        q, a = _question(rm_rng, data.facts)
-        rm_pairs.append((q + _styled(a), q + a))
+    for _ in range(2000):
+        q, a = question(rm_rng, data.facts)
+        rm_pairs.append((q + styled(a), q + a))
     rm_losses = _train_reward(rm, rm_pairs, tok, steps=cfg.reward_steps,
                               batch_size=cfg.batch_size, seed=cfg.seed + 2, progress=progress)
     rm.save_pretrained(tmp / "models" / "reward")
@@ -349,10 +286,11 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec_dict(cfg), sort_keys=False))
 
     base_model = LlamaForCausalLM.from_pretrained(tmp / "models" / "base").eval()
-    rewards = {}
+    per_prompt, fresh_rewards = {}, {}
     for label, model in (("base", base_model), ("aligned", aligned)):
-        rewards[label] = tasks.reward_model_score(model, tok, rm, tok, data.sets["reward_prompts"],
-                                                  max_new_tokens=24, batch_size=48)
+        per_prompt[label] = prompt_rewards(model, tok, rm, data.sets["reward_prompts"])
+        fresh = prompt_rewards(model, tok, rm, data.fresh["reward_prompts"])
+        fresh_rewards[label] = sum(fresh) / len(fresh)
     info = {
         "version": WORLD_VERSION,
         "config": {k: v for k, v in cfg.__dict__.items()},
@@ -362,7 +300,13 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
                    "align_final": sum(align_losses[-50:]) / 50,
                    "reward_final": sum(rm_losses[-50:]) / 50},
         "skills": {"base": base_scores, "aligned": aligned_scores},
-        "reward": rewards,
+        "reward": {k: sum(v) / len(v) for k, v in per_prompt.items()},
+        "sizes": {name: {"job": len(records), "fresh": len(data.fresh[name])}
+                  for name, records in data.sets.items()},
+        # the reward of each of the job's prompts (data/reward_prompts.jsonl, in file order)
+        "reward_per_prompt": {k: [round(x, 4) for x in v] for k, v in per_prompt.items()},
+        "fresh": {"skills": {"base": base_fresh, "aligned": aligned_fresh},
+                  "reward": fresh_rewards},
     }
     (tmp / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
@@ -384,6 +328,11 @@ def load_world_info(folder: str | Path) -> dict | None:
 def ensure_world(folder: str | Path, cfg: WorldConfig | None = None, progress=None) -> Path:
     """Build the world into ``folder`` unless a world of this version is already there."""
     folder = Path(folder)
-    if load_world_info(folder) is None:
-        build_world(folder, cfg, overwrite=True, progress=progress)
+    if load_world_info(folder) is not None:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait and then reuse it
+        if load_world_info(folder) is None:
+            build_world(folder, cfg, overwrite=True, progress=progress)
     return folder

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import optuna
 import pytest
@@ -12,6 +14,7 @@ from service.spec import load_spec
 from tests.service.test_cli import hmaopt
 from tests.models import read_folder
 from workers.world import WorldConfig, build_world, make_data
+from workers.world_data import N_ENTITIES, N_REWARD_PROMPTS, N_TAX_ITEMS
 
 TINY = dict(layers=2, hidden=32, intermediate=64, pretrain_steps=4, align_steps=3,
             reward_steps=3, batch_size=8, seq_len=32)
@@ -21,10 +24,21 @@ def test_data_is_deterministic_and_well_formed():
     a, b = make_data(0), make_data(0)
     assert a.sets == b.sets and a.pretrain == b.pretrain and a.align == b.align
     assert make_data(1).facts != a.facts
-    addition = {r["prompt"] for r in a.sets["addition"]}
-    assert len(addition) == 60
-    # the eval sentences are never pretraining lines; the alignment data asks half the facts
-    assert not {r["text"] for r in a.sets["text"]} & set(a.pretrain)
+    assert len({r["prompt"] for r in a.sets["addition"]}) == N_TAX_ITEMS == 300
+    assert len({r["prompt"] for r in a.sets["reward_prompts"]}) == N_REWARD_PROMPTS >= 300
+    assert len(a.facts) == N_ENTITIES
+    for name, records in a.sets.items():
+        fresh = a.fresh[name]
+        assert len(records) >= 300 and len(fresh) == len(records), name
+        # the fresh split: the same kind of records, none of them in the job's set
+        assert fresh[0].keys() == records[0].keys(), name
+        key = (lambda r: r.get("prompt", r.get("text")))
+        assert len({key(r) for r in records + fresh}) == 2 * len(records), name
+    # every eval sum is pretrained, as are all the facts (the skills being measured) ...
+    assert {r["prompt"] + r["answer"] for r in a.sets["addition"] + a.fresh["addition"]} <= set(a.pretrain)
+    # ... but the eval sentences (job and fresh) are never pretraining lines; the alignment
+    # data asks half the facts
+    assert not {r["text"] for r in a.sets["text"] + a.fresh["text"]} & set(a.pretrain)
     asked = {line.split("what about ")[1].split("?")[0] for line in a.align if "what about" in line}
     assert asked and len(asked) <= len(a.facts) // 2
 
@@ -51,6 +65,57 @@ def test_world_has_a_real_alignment_tax(world):
     assert aligned["addition"] <= base["addition"] - 0.1
     assert aligned["text"] >= base["text"] * 1.5
     assert info["reward"]["aligned"] > info["reward"]["base"] + 3
+
+
+def test_world_figures_are_precise_and_the_fresh_split_is_disjoint(world):
+    """Reward standard error well under a tenth of the base-to-aligned gap and a tax
+    resolution under a tenth of the budget, on the search part (taken as half of a set)."""
+    info = json.loads((world / "world.json").read_text())
+    spec = yaml.safe_load((world / "spec.yaml").read_text())
+    budget = spec["tax"]["budget"]
+
+    def read(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    names = sorted(p.stem for p in (world / "data").glob("*.jsonl"))
+    assert names == sorted(p.stem for p in (world / "data" / "fresh").glob("*.jsonl"))
+    for name in names:
+        job, fresh = read(world / "data" / f"{name}.jsonl"), read(world / "data/fresh" / f"{name}.jsonl")
+        assert info["sizes"][name] == {"job": len(job), "fresh": len(fresh)}
+        assert len(fresh) == len(job) >= 300
+        dumped = {json.dumps(r, sort_keys=True) for r in job}
+        assert len(dumped) == len(job) and not dumped & {json.dumps(r, sort_keys=True) for r in fresh}
+
+    # the reward: the sd of the pooled per-prompt rewards of base and aligned (that of a
+    # model half-way between the two, the noisiest case) over sqrt(search prompts)
+    per_prompt = info["reward_per_prompt"]
+    assert len(per_prompt["base"]) == len(per_prompt["aligned"]) == info["sizes"]["reward_prompts"]["job"]
+    assert statistics.fmean(per_prompt["base"]) == pytest.approx(info["reward"]["base"], abs=1e-3)
+    gap = info["reward"]["aligned"] - info["reward"]["base"]
+    n_search = info["sizes"]["reward_prompts"]["job"] // 2
+    se = statistics.stdev(per_prompt["base"] + per_prompt["aligned"]) / math.sqrt(n_search)
+    assert se < gap / 10, (se, gap)
+
+    # the tax: one item of an accuracy task moves its tax by 1 / (n * base accuracy); one
+    # text whose per-token NLL moves by 1 nat moves the perplexity tax by about its share of
+    # the tokens (char tokens: its length), at worst the longest text over the shortest half
+    base = info["skills"]["base"]
+    for task in spec["tax"]["tasks"]:
+        records = read(world / task["data"])
+        n = len(records) // 2
+        if task["type"] == "perplexity":
+            lengths = sorted(len(r["text"]) for r in records)
+            resolution = lengths[-1] / sum(lengths[:n])
+        else:
+            resolution = 1 / (n * base[task["name"]])
+        assert resolution < budget / 10, (task["name"], resolution)
+
+    # the fresh split behaves as the job's: the same skills, within a few items
+    fresh = info["fresh"]["skills"]
+    for model in ("base", "aligned"):
+        for task in ("addition", "facts"):
+            assert abs(fresh[model][task] - info["skills"][model][task]) < 0.1
+    assert info["fresh"]["reward"]["aligned"] > info["fresh"]["reward"]["base"] + 3
 
 
 def test_search_on_the_reference_world_beats_vanilla_averaging(world, tmp_path):
