@@ -1,12 +1,12 @@
 """The streaming merge of two safetensors checkpoints into shards, without torch.
 
 A bounded pipeline of threads: a reader copies each tensor of both checkpoints, a chunk
-(``CHUNK`` elements) at a time, into one of ``SLOTS`` preallocated slots; one hasher thread
-per checkpoint feeds the bytes it reads, in file order, to a sha256 of each source file (so
-the manifest's hashes cost no second read); compute threads merge each slot with numpy; the
-calling thread writes the merged chunks, in plan order, into the shards, and a syncer thread
-``fdatasync``s them behind the writer. Memory is the slots plus the compute threads' scratch,
-whatever the model size; a slot is reused only when its chunk is hashed and written.
+(``CHUNK`` elements) at a time, into one of ``SLOTS`` preallocated slots, and hashes what it
+read (``PIECE`` bytes at a time, while they are in cache) into a sha256 of each source file,
+so the manifest's hashes cost no second read; compute threads merge each slot with numpy;
+the calling thread writes the merged chunks, in plan order, into the shards, and a syncer
+thread ``fdatasync``s them behind the writer. Memory is the slots plus the compute threads'
+scratch, whatever the model size: a slot is reused only once its chunk is written.
 
 The arithmetic is torch's, in numpy: workers/lerp_numpy.py.
 """
@@ -29,6 +29,7 @@ from workers.lerp_numpy import Scratch, lerp_into
 
 CHUNK = 1 << 20  # elements per slot
 SLOTS = 6
+PIECE = 256 << 10  # bytes read and hashed at a time (stays in the L2 cache)
 SYNC_EVERY = 128 << 20  # bytes written between two background fdatasyncs of a shard
 _POLL = 0.05
 
@@ -57,8 +58,6 @@ class _Slot:
         self.job: Job | None = None
         self.result: memoryview | None = None
         self.merged = threading.Event()
-        self.holds = 0
-        self.lock = threading.Lock()
 
 
 class _FileHash:
@@ -82,7 +81,8 @@ def stream_merge(
 
     Returns the sha256 of every source weight file, ``{"base": {file: hex}, "aligned": ...}``.
     ``stats``, when given, gets the seconds each stage spent working (summed over its
-    threads: read, hash, merge, write, sync) and waiting (``wait_*``).
+    threads: read, hash, merge, write, sync), waiting (``wait_*``) and its threads' CPU
+    seconds (``cpu_*``).
     """
     run = _Run(base, aligned, ratio_of, threads or min(2, os.cpu_count() or 1), sync)
     run.stats = stats if stats is not None else {}
@@ -111,7 +111,6 @@ class _Run:
             self.free.put(_Slot())
         self.todo: queue.Queue[_Slot | None] = queue.Queue()
         self.order: queue.Queue[_Slot] = queue.Queue()
-        self.hash_q = (queue.Queue(), queue.Queue())
         self.hashes = tuple({f: _FileHash(f) for f in c.weight_files} for c in self.sources)
         self.fds = tuple({} for _ in self.sources)
         self.sync_q: queue.Queue = queue.Queue()
@@ -119,8 +118,8 @@ class _Run:
         self.stats: dict[str, float] = {}
         self.stats_lock = threading.Lock()
 
-    def _took(self, key: str, since: float) -> float:
-        now = time.perf_counter()
+    def _took(self, key: str, since: float, clock=time.perf_counter) -> float:
+        now = clock()
         with self.stats_lock:
             self.stats[key] = self.stats.get(key, 0.0) + now - since
         return now
@@ -134,15 +133,15 @@ class _Run:
             self.threads.append(t)
 
         spawn(self._read, shards)
-        for i in range(2):
-            spawn(self._hash, i)
         for _ in range(self.n_compute):
             spawn(self._compute)
         spawn(self._syncer)
 
     def _guard(self, target, *args) -> None:
+        cpu = time.thread_time()
         try:
             target(*args)
+            self._took("cpu" + target.__name__, cpu, time.thread_time)
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001  (handed to the writer, which raises it)
@@ -178,36 +177,37 @@ class _Run:
         for job in self._jobs(shards):
             slot = self._get(self.free, "read")
             t0 = time.perf_counter()
-            slot.job, slot.holds = job, 3  # hashed twice, written once
+            slot.job = job
             slot.merged.clear()
-            views = []
             for i, (info, buf) in enumerate(((job.base, slot.b), (job.aligned, slot.a))):
                 size = _size(info.dtype_name)
-                begin = info.begin + job.start * size
-                view = memoryview(buf)[: job.count * size]
-                self._pread(i, info.file, view, begin)
-                views.append(view)
-                fh = self.hashes[i].get(info.file)
-                if fh is None or fh.broken or fh.pos != begin:
-                    if fh is not None and not fh.broken and fh.pos < begin:
-                        gap = bytearray(begin - fh.pos)  # the header (or a gap): small
-                        self._pread(i, info.file, memoryview(gap), fh.pos)
-                        self.hash_q[i].put((fh, gap, None))
-                        fh.pos = begin
-                    elif fh is not None:
-                        fh.broken = True
-                if fh is not None and not fh.broken:
-                    fh.pos = begin + len(view)
-                    self.hash_q[i].put((fh, view, slot))
-                else:
-                    self._release(slot)
+                self._read_hashed(i, info.file, memoryview(buf)[: job.count * size],
+                                  info.begin + job.start * size)
             self._took("read", t0)
             self.todo.put(slot)
             self.order.put(slot)
-        for q in self.hash_q:
-            q.put(None)
         for _ in range(self.n_compute):
             self.todo.put(None)
+
+    def _read_hashed(self, i: int, file: Path, view: memoryview, begin: int) -> None:
+        """Read ``view`` from ``begin``; hash it, ``PIECE`` bytes at a time while they are
+        in cache, when it continues the file's bytes hashed so far."""
+        fh = self.hashes[i].get(file)
+        if fh is not None and not fh.broken and fh.pos < begin:  # the header, or a gap
+            gap = memoryview(bytearray(begin - fh.pos))
+            self._pread(i, file, gap, fh.pos)
+            fh.h.update(gap)
+            fh.pos = begin
+        if fh is None or fh.broken or fh.pos != begin:
+            if fh is not None:
+                fh.broken = True  # out of order: hashed by a second pass at the end
+            self._pread(i, file, view, begin)
+            return
+        for k in range(0, len(view), PIECE):
+            piece = view[k:k + PIECE]
+            self._pread(i, file, piece, begin + k)
+            fh.h.update(piece)
+        fh.pos = begin + len(view)
 
     def _pread(self, i: int, file: Path, view: memoryview, offset: int) -> None:
         fd = self.fds[i].get(file)
@@ -219,15 +219,6 @@ class _Run:
             if n <= 0:
                 raise MergeError(f"{file} is truncated (ends at byte {offset + done})")
             done += n
-
-    def _hash(self, i: int) -> None:
-        while (item := self._get(self.hash_q[i], "hash")) is not None:
-            fh, data, slot = item
-            t0 = time.perf_counter()
-            fh.h.update(data)
-            self._took("hash", t0)
-            if slot is not None:
-                self._release(slot)
 
     def _compute(self) -> None:
         scratch = Scratch()
@@ -249,16 +240,14 @@ class _Run:
             if close:
                 os.close(fd)
 
-    def _release(self, slot: _Slot) -> None:
-        with slot.lock:
-            slot.holds -= 1
-            last = slot.holds == 0
-        if last:
-            self.free.put(slot)
-
     # ------------------------------------------------------------------ the writer
 
     def write(self, shards, names, folder: Path, on_bytes) -> None:
+        cpu = time.thread_time()
+        self._write(shards, names, folder, on_bytes)
+        self._took("cpu_write", cpu, time.thread_time)
+
+    def _write(self, shards, names, folder: Path, on_bytes) -> None:
         for fname, shard in zip(names, shards):
             fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -279,7 +268,7 @@ class _Run:
                         unsynced += len(slot.result)
                         if on_bytes:
                             on_bytes(len(slot.result))
-                        self._release(slot)
+                        self.free.put(slot)
                         if unsynced >= SYNC_EVERY:
                             self.sync_q.put((fd, False))
                             unsynced = 0
