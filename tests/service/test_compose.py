@@ -35,7 +35,7 @@ DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
 #: The services that run hmaopt (and so read its settings).
 APP_SERVICES = ("migrate", "api", "worker")
 #: Files the images need from the build context.
-CONTEXT_NEEDS = ("pyproject.toml", "README.md", "service/cli.py", "workers/merge.py",
+CONTEXT_NEEDS = ("pyproject.toml", "README.md", "service/cli/__init__.py", "workers/merge.py",
                  "migrations/env.py", "migrations/versions/0001_service_tables.py")
 
 
