@@ -174,6 +174,9 @@ class TaxSpec(BaseModel):
 
     budget: float = Field(ge=0, description="largest allowed tax (weighted relative degradation)")
     tasks: list[TaxTask] = Field(min_length=1)
+    confidence: float | None = Field(
+        None, gt=0.5, lt=1, description="feasible means the one-sided upper bound of the tax "
+        "at this confidence (tax + z * tax_se) is within the budget; default: the tax itself")
 
     @model_validator(mode="after")
     def _unique(self) -> TaxSpec:
@@ -201,7 +204,15 @@ class SearchSpec(BaseModel):
                                   "part measured in stage 1")
     prune_margin: float = Field(0.05, ge=0, description="prune when the stage-1 tax exceeds "
                                 "budget + prune_margin")
-    holdout_fraction: float = Field(0.3, ge=0, lt=1)
+    holdout_fraction: float = Field(0.3, ge=0, lt=1, description="share of every data set "
+                                    "held out: measured only for the answer, never to choose it")
+    validation_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of every data set on which the best few "
+        "candidates are measured again to choose the answer (records the sampler never saw); "
+        "0: the answer is the best trial on the search data")
+    finalists: int = Field(3, ge=1, le=20, description="feasible trials of highest search "
+                           "reward measured on the validation data (plus the two best "
+                           "uniform ratios)")
     workers: int = Field(1, ge=1, le=64, description="service only: workers that share this "
                          "job; n_trials stays the cap over all of them")
     uniform_grid: list[float] | None = Field(
@@ -221,6 +232,10 @@ class SearchSpec(BaseModel):
 
     @model_validator(mode="after")
     def _grid(self) -> SearchSpec:
+        if self.holdout_fraction + self.validation_fraction >= 0.9:
+            raise ValueError(f"holdout_fraction + validation_fraction must leave at least 10 % "
+                             f"for the search, got {self.holdout_fraction} + "
+                             f"{self.validation_fraction}")
         if self.uniform_grid is not None and not all(0 <= a <= 1 for a in self.uniform_grid):
             raise ValueError(f"uniform_grid ratios must lie in [0, 1], got {self.uniform_grid}")
         for ratios in self.warm_start or []:

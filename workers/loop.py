@@ -230,7 +230,8 @@ class JobRun:
         if self.worker.lost:
             raise WorkerLost()
         with session_scope(self.url) as session:
-            status = job_db.write_result(session, self.job_id, jsonable(result.to_dict()))
+            status = job_db.write_result(session, self.job_id,
+                                         jsonable(result.to_dict(per_record=True)))
         if status is not JobStatus.RUNNING:  # cancelled or failed meanwhile
             return f"job {status.value} meanwhile; result not written"
         if not self.set_status(JobStatus.SUCCEEDED, expect={JobStatus.RUNNING}):

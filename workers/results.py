@@ -33,6 +33,10 @@ class TrialRecord:
     eval_seconds: float
     uniform_ratio: float | None = None
     task_tax: dict[str, float] = field(default_factory=dict)
+    reward_se: float | None = None
+    tax_se: float | None = None
+    n_reward: int = 0
+    n_tax: int = 0
 
     @classmethod
     def from_attrs(cls, number: int, a: dict) -> TrialRecord | None:
@@ -43,12 +47,14 @@ class TrialRecord:
                    a["tax"], bool(a.get("feasible")), int(a.get("stage", 2)),
                    a.get("metrics", {}), float(a.get("merge_seconds", 0.0)),
                    float(a.get("eval_seconds", 0.0)), a.get("uniform_ratio"),
-                   a.get("task_tax", {}))
+                   a.get("task_tax", {}), a.get("reward_se"), a.get("tax_se"),
+                   int(a.get("n_reward", 0)), int(a.get("n_tax", 0)))
 
     def brief(self, slots: Sequence[str]) -> dict:
         return {"trial": self.number, "kind": self.kind,
                 "ratios": dict(zip(slots, self.ratios)), "reward": self.reward, "tax": self.tax,
-                "metrics": self.metrics}
+                "reward_se": self.reward_se, "tax_se": self.tax_se, "n_reward": self.n_reward,
+                "n_tax": self.n_tax, "metrics": self.metrics}
 
     def row(self, slots: Sequence[str]) -> dict:
         """The hmaopt_trials columns of this record (JSON-safe)."""
@@ -58,7 +64,9 @@ class TrialRecord:
             "ratios": dict(zip(slots, self.ratios)), "reward": self.reward, "tax": self.tax,
             "feasible": self.feasible, "stage": self.stage, "metrics": self.metrics,
             "task_tax": self.task_tax, "uniform_ratio": self.uniform_ratio,
-            "merge_seconds": self.merge_seconds, "eval_seconds": self.eval_seconds})
+            "merge_seconds": self.merge_seconds, "eval_seconds": self.eval_seconds,
+            "reward_se": self.reward_se, "tax_se": self.tax_se, "n_reward": self.n_reward,
+            "n_tax": self.n_tax})
 
 
 def best_of(records: Iterable[TrialRecord], kind: str | None = None) -> TrialRecord | None:
@@ -97,7 +105,9 @@ def summary(records: Sequence[TrialRecord], *, base_seconds: float,
 
 @dataclass
 class SearchResult:
-    """What a search found; :meth:`to_dict` is the JSON written by ``hmaopt search --json``."""
+    """What a search found; :meth:`to_dict` is the JSON written by ``hmaopt search --json``
+    (and stored as the job's result). ``best`` is the answer chosen on the validation data
+    (workers/answer.py), not necessarily the trial of highest search reward."""
 
     study: str
     storage: str | None
@@ -113,6 +123,14 @@ class SearchResult:
     seconds: dict[str, float]
     base_cached: bool
     trials: list[TrialRecord] = field(default_factory=list, repr=False)
+    best_validation: dict | None = None
+    uniform_validation: dict | None = None
+    gain_interval: object | None = None  # service.stats.Interval
+    holdout_gain_interval: object | None = None
+    chosen_by: str = "search"
+    finalists: list[dict] = field(default_factory=list)
+    flags: list[dict] = field(default_factory=list)
+    per_record: dict = field(default_factory=dict, repr=False)
 
     @property
     def feasible(self) -> bool:
@@ -130,24 +148,42 @@ class SearchResult:
             return None
         return self.best_holdout["reward"] - self.uniform_holdout["reward"]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, *, per_record: bool = False) -> dict:
+        """The result as JSON; ``per_record`` adds the holdout reward per prompt of the
+        best and the best uniform merge (the pipelines compare champions with them)."""
         best = self.best.brief(self.slots) if self.best else None
         if best is not None:
+            best["validation"] = self.best_validation
             best["holdout"] = self.best_holdout
+            best["chosen_by"] = self.chosen_by
         uniform = None
         if self.uniform is not None:
-            uniform = {"trial": self.uniform.number, "ratio": self.uniform.uniform_ratio,
-                       "reward": self.uniform.reward, "tax": self.uniform.tax,
-                       "metrics": self.uniform.metrics, "holdout": self.uniform_holdout}
-        return {
+            u = self.uniform
+            uniform = {"trial": u.number, "ratio": u.uniform_ratio, "reward": u.reward,
+                       "tax": u.tax, "reward_se": u.reward_se, "tax_se": u.tax_se,
+                       "n_reward": u.n_reward, "n_tax": u.n_tax, "metrics": u.metrics,
+                       "validation": self.uniform_validation, "holdout": self.uniform_holdout}
+        out = {
             "study": self.study, "storage": self.storage, "mode": self.mode,
             "budget": self.budget, "ratio_convention": RATIO_CONVENTION,
             "slots": self.slots, "feasible": self.feasible, "best": best,
-            "best_uniform": uniform, "gain": self.gain, "holdout_gain": self.holdout_gain,
+            "best_uniform": uniform, "gain": self.gain,
+            "gain_ci95": _interval(self.gain_interval), "holdout_gain": self.holdout_gain,
+            "holdout_gain_ci95": _interval(self.holdout_gain_interval),
+            "n_gain": getattr(self.gain_interval, "n", None),
+            "n_holdout_gain": getattr(self.holdout_gain_interval, "n", None),
+            "finalists": self.finalists, "flags": self.flags,
             "pareto": [t.brief(self.slots) for t in self.pareto],
             "trials": self.counts, "seconds": self.seconds, "base_cached": self.base_cached,
             "version": __version__,
         }
+        if per_record:
+            out["per_record"] = self.per_record
+        return out
+
+
+def _interval(iv) -> list[float] | None:
+    return None if iv is None else iv.to_list()
 
 
 def jsonable(value):

@@ -55,6 +55,9 @@ from service.db.session import safe_url
 from service.errors import ConflictError, EvaluationError, SpecError
 from service.settings import get_settings
 from service.spec import JobSpec
+from service.stats import upper_bound
+from workers.answer import choose, part_dict
+from workers.job import load_job, measure_base
 from workers.ratios import RatioSpace
 from workers.ray import WarmStart
 from workers.results import (RATIO_CONVENTION, SearchResult, TrialRecord, best_of, jsonable,
@@ -156,6 +159,8 @@ class Search:
                 raise ConflictError(f"study {self.name!r} was run with another {', '.join(changed)}: "
                                     "a resumed study must keep them; start a new study (--study)")
         self.study.set_user_attr("hmaopt", job)
+        #: this process's search-data measurements by trial number (per-record values)
+        self.measured: dict[int, object] = {}
         self.warm = WarmStart(self)
         self.enqueue_baseline()
         self.warm.enqueue(self._taken)
@@ -264,20 +269,24 @@ class Search:
                 raise EvaluationError(f"trial {trial.number} (ratios {ratios}): {bad[0]} is "
                                       f"{m.tax if bad[0] == 'tax' else m.reward}; check the "
                                       "data and the models for NaN/inf")
-            feasible = not m.pruned and m.tax <= budget
+            bound = upper_bound(m.tax, m.tax_se, spec.tax.confidence)
+            feasible = not m.pruned and bound <= budget
             attrs = {"kind": kind, "ratios": dict(zip(self.slots, ratios)), "reward": m.reward,
                      "tax": m.tax, "feasible": feasible, "metrics": m.metrics,
                      "task_tax": m.task_tax, "stage": m.stage, "merge_seconds": merge_s,
-                     "eval_seconds": m.seconds}
+                     "eval_seconds": m.seconds, "reward_se": m.reward_se, "tax_se": m.tax_se,
+                     "n_reward": m.n_reward, "n_tax": m.n_tax}
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            trial.set_constraint("tax", m.tax - budget)
+            trial.set_constraint("tax", bound - budget)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL)
             raise
         record = TrialRecord(trial.number, kind, list(ratios), m.reward, m.tax, feasible, m.stage,
                              m.metrics, merge_s, m.seconds, trial.user_attrs.get("uniform_ratio"),
-                             dict(m.task_tax))
+                             dict(m.task_tax), m.reward_se, m.tax_se, m.n_reward, m.n_tax)
+        if not m.pruned:  # the per-record values behind the figures, for paired gains
+            self.measured[trial.number] = m
         with warnings.catch_warnings():  # CMA-ES: "constraints set but not used" (see _objective)
             warnings.filterwarnings("ignore", message="Constraints have been set")
             if m.pruned:
@@ -313,64 +322,30 @@ class Search:
         return pareto_of(self.records())
 
     def measure_holdout(self, record: TrialRecord | None, on_batch=None) -> dict | None:
+        """A trial's merge measured on the holdout data (None without a trial or holdout)."""
         if record is None or not self.evaluator.has_holdout:
             return None
         self.merger.apply(record.ratios)
         m = self.evaluator.evaluate_holdout(on_batch=on_batch)
-        return {"reward": m.reward, "tax": m.tax, "feasible": m.tax <= self.spec.tax.budget,
-                "metrics": m.metrics}
+        return part_dict(m, self.spec.tax.budget, self.spec.tax.confidence)
 
     def result(self, *, base_cached: bool, base_seconds: float, total_seconds: float,
                on_batch=None) -> SearchResult:
-        """Re-measure the best and the best uniform trial on the holdout; store the result."""
+        """Choose the answer (finalists on the validation data, held-out figures, paired
+        gains: workers/answer.py) and store the result in the study."""
         records = self.records()
-        best, uniform = best_of(records), best_of(records, "uniform")
-        best_h = self.measure_holdout(best, on_batch)
-        same = uniform is not None and best is not None and uniform.number == best.number
-        uniform_h = best_h if same else self.measure_holdout(uniform, on_batch)
+        answer = choose(self, records, on_batch)
         counts, seconds = summary(records, base_seconds=base_seconds, total_seconds=total_seconds)
-        result = SearchResult(self.name, self.storage_url, self.spec.mode, self.spec.tax.budget,
-                              self.slots, best, uniform, best_h, uniform_h, pareto_of(records),
-                              counts, seconds, base_cached, records)
+        result = SearchResult(
+            self.name, self.storage_url, self.spec.mode, self.spec.tax.budget, self.slots,
+            answer.best, answer.uniform, answer.best_holdout, answer.uniform_holdout,
+            pareto_of(records), counts, seconds, base_cached, records,
+            best_validation=answer.best_validation, uniform_validation=answer.uniform_validation,
+            gain_interval=answer.gain, holdout_gain_interval=answer.holdout_gain,
+            chosen_by=answer.chosen_by, finalists=answer.finalists, flags=answer.flags,
+            per_record=answer.per_record)
         self.study.set_user_attr("result", jsonable(result.to_dict()))
         return result
-
-
-def load_job(spec: JobSpec, *, device: str | None = "auto"):
-    """(LiveMerger, JobEvaluator) of a job: both checkpoints, tokenizer, data, reward model."""
-    from transformers import AutoTokenizer  # the heavy data-plane imports load with a job
-    from transformers.utils import logging as hf_logging
-
-    from workers.evaluate.job import JobEvaluator
-    from workers.merge import LiveMerger
-
-    hf_logging.disable_progress_bar()  # one bar: the trials'
-    settings = get_settings()
-    merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device=device,
-                             allow_pickle=settings.allow_pickle,
-                             trust_remote_code=settings.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model,
-                                              trust_remote_code=settings.trust_remote_code)
-    evaluator = JobEvaluator.load(spec, merger.model, tokenizer,
-                                  trust_remote_code=settings.trust_remote_code)
-    return merger, evaluator
-
-
-def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None,
-                 on_batch=None) -> bool:
-    """Write θ_base into the live model and measure it (from the cache in ``cache_dir``/base
-    when there). Returns True on a cache hit."""
-    from workers.evaluate.job import base_cache_key
-
-    spec = evaluator.spec
-    merger.apply([0.0] * merger.grouping.n_ratios)
-    if cache_dir is None:
-        return evaluator.measure_base(on_batch=on_batch)
-    dev = next(merger.model.parameters())
-    key = base_cache_key(spec, spec.base_model, device=dev.device.type, dtype=str(dev.dtype),
-                         allow_pickle=get_settings().allow_pickle)
-    return evaluator.measure_base(cache_dir=Path(cache_dir) / "base", cache_key=key,
-                                  on_batch=on_batch)
 
 
 def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = None,

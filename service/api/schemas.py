@@ -41,6 +41,19 @@ class BestTrial(BaseModel):
     reward: float
     tax: float
     ratios: dict[str, float] = Field(description=RATIOS)
+    reward_se: float | None = Field(None, description="standard error of the reward (over "
+                                    "prompts); set once the job has its result")
+    tax_se: float | None = Field(None, description="standard error of the tax (over records, "
+                                 "paired with the base model)")
+
+
+class Flag(BaseModel):
+    """A reason not to trust a result as it stands (e.g. ``holdout_over_budget``)."""
+
+    code: str = Field(description="holdout_over_budget | holdout_gain_negative | "
+                      "holdout_gain_not_significant | not_held_out | validation_over_budget | "
+                      "no_holdout")
+    message: str
 
 
 class Baseline(BaseModel):
@@ -70,6 +83,12 @@ class JobSummary(BaseModel):
     best: BestTrial | None = Field(description="best feasible trial so far (tax <= budget)")
     baseline: Baseline | None = Field(description="best feasible uniform ratio so far")
     gain: float | None = Field(description="best reward minus the baseline's, same budget")
+    gain_ci95: list[float] | None = Field(None, description="95 % interval [lo, hi] of the "
+                                          "gain, paired record by record (search data)")
+    holdout_gain: float | None = Field(None, description="the gain on the holdout data")
+    holdout_gain_ci95: list[float] | None = Field(None, description="its 95 % interval")
+    flags: list[Flag] = Field(default_factory=list, description="why the result may not "
+                              "hold (empty: nothing found)")
     budget: float
     base_model: str
     aligned_model: str
@@ -108,6 +127,12 @@ class TrialPublic(BaseModel):
     eval_seconds: float
     worker_id: str | None
     finished_at: datetime
+    reward_se: float | None = Field(None, description="standard error of the reward over "
+                                    "its n_reward records (prompts)")
+    tax_se: float | None = Field(None, description="standard error of the tax over its n_tax "
+                                 "records, paired with the base model on the same records")
+    n_reward: int | None = None
+    n_tax: int | None = None
 
 
 class TrialList(BaseModel):
@@ -128,6 +153,8 @@ class TrialPoints(BaseModel):
     reward: list[float | None]
     tax: list[float]
     uniform_ratio: list[float | None]
+    reward_se: list[float | None] = Field(description="standard errors, as the trials have them")
+    tax_se: list[float | None]
 
 
 class ExportRequest(BaseModel):
@@ -244,9 +271,12 @@ class Health(BaseModel):
 
 def job_summary(job: Job, detail: bool = False) -> JobSummary | JobDetail:
     best = None
+    result = job.result or {}
     if job.best_reward is not None:
+        chosen = result.get("best") or {}
         best = BestTrial(trial=job.best_trial, reward=job.best_reward, tax=job.best_tax,
-                         ratios=job.best_ratios or {})
+                         ratios=job.best_ratios or {}, reward_se=chosen.get("reward_se"),
+                         tax_se=chosen.get("tax_se"))
     baseline = None
     if job.baseline_reward is not None:
         baseline = Baseline(ratio=job.baseline_ratio, reward=job.baseline_reward,
@@ -258,12 +288,16 @@ def job_summary(job: Job, detail: bool = False) -> JobSummary | JobDetail:
         progress=Progress(trials_finished=job.trials_finished, trials_pruned=job.trials_pruned,
                           n_trials=job.n_trials,
                           fraction=min(1.0, job.trials_finished / max(job.n_trials, 1))),
-        best=best, baseline=baseline, gain=job.gain, budget=job.spec["tax"]["budget"],
+        best=best, baseline=baseline, gain=job.gain, gain_ci95=result.get("gain_ci95"),
+        holdout_gain=result.get("holdout_gain"),
+        holdout_gain_ci95=result.get("holdout_gain_ci95"), flags=result.get("flags") or [],
+        budget=job.spec["tax"]["budget"],
         base_model=job.spec["base_model"], aligned_model=job.spec["aligned_model"],
         cancel_requested=job.cancel_requested, error=job.error)
     if not detail:
         return JobSummary(**fields)
-    return JobDetail(**fields, spec=job.spec, result=job.result, layout=job.layout,
+    public = {k: v for k, v in result.items() if k != "per_record"} if job.result else None
+    return JobDetail(**fields, spec=job.spec, result=public, layout=job.layout,
                      export=ExportState(status=job.export_status, dir=job.export_dir,
                                         error=job.export_error, manifest=job.export_manifest))
 

@@ -124,34 +124,52 @@ def report(job: dict) -> int:
 
 
 def format_summary(r: dict) -> str:
-    """The human summary of a search result (the dict of SearchResult.to_dict)."""
+    """The human summary of a search result (the dict of SearchResult.to_dict): every figure
+    with its standard error and records (n), the gains with their 95 % intervals, and the
+    flags that say where the result does not hold."""
     def fig(x, fmt=".4g"):
         return "n/a" if x is None else format(x, fmt)
 
+    def line(label: str, d: dict | None) -> str:
+        if not d:
+            return ""
+        reward = fig(d.get("reward"))
+        if d.get("reward_se") is not None:
+            reward += f" ± {d['reward_se']:.2g}"
+        tax = fig(d.get("tax"), ".4f")
+        if d.get("tax_se") is not None:
+            tax += f" ± {d['tax_se']:.2g}"
+        n = f"  (n {d['n_reward']} prompts, {d['n_tax']} items)" if d.get("n_reward") else ""
+        over = "" if d.get("feasible", True) else "  OVER BUDGET"
+        return f"  {label:<14}reward {reward}  tax {tax}{n}{over}"
+
+    def interval(ci) -> str:
+        return f" [{ci[0]:+.4g}, {ci[1]:+.4g}]" if ci else ""
+
     lines = [f"study {r['study']} ({r['mode']}, tax budget {r['budget']:g}; "
-             "ratio = weight on the ALIGNED model)"]
+             "ratio = weight on the ALIGNED model; ± one standard error)"]
     best, uni = r["best"], r["best_uniform"]
     if best is None:
         lines.append("no feasible merge: every trial's tax exceeds the budget")
     else:
         ratios = ", ".join(f"{k}={v:.3f}" for k, v in best["ratios"].items())
-        lines.append(f"best ratios     {ratios}  (trial {best['trial']})")
-        lines.append(f"  search        reward {fig(best['reward'])}  tax {fig(best['tax'], '.4f')}")
-        if best.get("holdout"):
-            h = best["holdout"]
-            lines.append(f"  holdout       reward {fig(h['reward'])}  tax {fig(h['tax'], '.4f')}"
-                         + ("" if h["feasible"] else "  (over budget on the holdout)"))
+        chosen = " on the validation data" if best.get("chosen_by") == "validation" else ""
+        lines.append(f"best ratios     {ratios}  (trial {best['trial']}, chosen{chosen})")
+        lines += [x for x in (line("search", best), line("validation", best.get("validation")),
+                              line("holdout", best.get("holdout"))) if x]
     if uni is None:
         lines.append("best uniform    none feasible")
     else:
         lines.append(f"best uniform    alpha={uni['ratio']:g}  (trial {uni['trial']})")
-        lines.append(f"  search        reward {fig(uni['reward'])}  tax {fig(uni['tax'], '.4f')}")
-        if uni.get("holdout"):
-            h = uni["holdout"]
-            lines.append(f"  holdout       reward {fig(h['reward'])}  tax {fig(h['tax'], '.4f')}")
-    lines.append(f"gain            {fig(r['gain'], '+.4g')} reward over the best uniform alpha"
-                 + (f" (holdout {fig(r['holdout_gain'], '+.4g')})"
-                    if r.get("holdout_gain") is not None else ""))
+        lines += [x for x in (line("search", uni), line("validation", uni.get("validation")),
+                              line("holdout", uni.get("holdout"))) if x]
+    lines.append(f"gain            {fig(r['gain'], '+.4g')}{interval(r.get('gain_ci95'))} reward "
+                 "over the best uniform alpha (95 % interval, paired by prompt)")
+    if r.get("holdout_gain") is not None:
+        lines.append(f"  holdout       {fig(r['holdout_gain'], '+.4g')}"
+                     f"{interval(r.get('holdout_gain_ci95'))}")
+    for flag in r.get("flags") or []:
+        lines.append(f"WARNING         {flag['message']}")
     t, s = r["trials"], r["seconds"]
     lines.append(f"trials          {t['finished']} finished ({t['uniform']} uniform baseline), "
                  f"{t['pruned']} pruned")

@@ -180,9 +180,14 @@ def _best(session, job_id: str, kind: str | None = None) -> Trial | None:
 
 
 def best_trial(session, job_id: str) -> Trial:
-    """The feasible trial of highest reward so far (NotFoundError when none yet)."""
-    get_job(session, job_id)
-    best = _best(session, job_id)
+    """The job's answer once it has a result (chosen on the validation data), before that
+    the feasible trial of highest reward so far (NotFoundError when none yet)."""
+    job = get_job(session, job_id)
+    best = None
+    if job.result and job.result.get("best") is not None:
+        best = session.scalar(select(Trial).where(Trial.job_id == job_id,
+                                                  Trial.number == job.result["best"]["trial"]))
+    best = best or _best(session, job_id)
     if best is None:
         raise NotFoundError(f"job {job_id} has no feasible trial yet")
     return best
@@ -203,12 +208,14 @@ def list_trials(session, job_id: str, *, sort: str = "number", desc: bool = Fals
 
 
 def trial_points(session, job_id: str) -> list[tuple]:
-    """(number, kind, state, feasible, reward, tax, uniform_ratio) of every finished trial,
-    by number: the columns the dashboard's figures need, without loading whole rows."""
+    """(number, kind, state, feasible, reward, tax, uniform_ratio, reward_se, tax_se) of every
+    finished trial, by number: the columns the dashboard's figures need, without loading
+    whole rows."""
     get_job(session, job_id)
     return list(session.execute(
         select(Trial.number, Trial.kind, Trial.state, Trial.feasible, Trial.reward, Trial.tax,
-               Trial.uniform_ratio).where(Trial.job_id == job_id).order_by(Trial.number)))
+               Trial.uniform_ratio, Trial.reward_se, Trial.tax_se)
+        .where(Trial.job_id == job_id).order_by(Trial.number)))
 
 
 def get_trial(session, job_id: str, number: int) -> Trial:
@@ -309,6 +316,13 @@ def write_result(session, job_id: str, result: dict) -> JobStatus:
     status = JobStatus(job.status)
     if status is JobStatus.RUNNING:
         job.result = result
+        best, uniform = result.get("best"), result.get("best_uniform")
+        if best is not None:  # the answer chosen on the validation data is the job's best
+            job.best_trial, job.best_reward, job.best_tax = best["trial"], best["reward"], best["tax"]
+            job.best_ratios = best["ratios"]
+        if uniform is not None:
+            job.baseline_ratio, job.baseline_reward = uniform["ratio"], uniform["reward"]
+            job.baseline_tax = uniform["tax"]
     return status
 
 

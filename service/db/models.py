@@ -163,6 +163,12 @@ class Trial(Base):
     eval_seconds: Mapped[float] = mapped_column(Float)
     worker_id: Mapped[str | None] = mapped_column(String(32))
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: standard errors of the reward and the tax over their records, and the records
+    #: behind each (None for trials recorded before 0004)
+    reward_se: Mapped[float | None] = mapped_column(Float)
+    tax_se: Mapped[float | None] = mapped_column(Float)
+    n_reward: Mapped[int | None] = mapped_column(Integer)
+    n_tax: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         UniqueConstraint("job_id", "number", name="uq_hmaopt_trials_job_number"),

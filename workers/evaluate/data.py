@@ -89,3 +89,14 @@ def split_holdout(records: list[dict], fraction: float, *, seed: str) -> tuple[l
     holdout = [r for r in records if id(r) in holdout_ids]
     return search, holdout
 
+
+
+def split_parts(records: list[dict], holdout_fraction: float, validation_fraction: float, *,
+                seed: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Deterministic split into (search, validation, holdout): the holdout as
+    :func:`split_holdout` cuts it, then ``validation_fraction`` of all records out of the
+    rest (by another hash), the search part what remains."""
+    rest, holdout = split_holdout(records, holdout_fraction, seed=seed)
+    share = validation_fraction / (1 - holdout_fraction) if validation_fraction > 0 else 0.0
+    search, validation = split_holdout(rest, share, seed=f"{seed}:validation")
+    return search, validation, holdout

@@ -1,10 +1,12 @@
 """The evaluator of one job: reward and alignment tax of the live (merged) model, staged.
 
 Data: every JSONL set of the job is split once, deterministically (by record content, see
-:func:`~workers.evaluate.data.split_holdout`), into a search part and a holdout part; the
-search part of each tax set is cut again into stage 1 (the first ``prune_fraction``) and
-stage 2 (the rest). lm-eval tasks are not split: they run whole in stage 2, and their
-holdout figure is their search figure.
+:func:`~workers.evaluate.data.split_parts`), into a search part (what the sampler tunes
+on), a validation part (where the best few candidates are measured again to choose the
+answer) and a holdout part (measured only for the answer); the search part of each tax set
+is cut again into stage 1 (the first ``prune_fraction``) and stage 2 (the rest). lm-eval
+tasks are not split: they run whole in stage 2, and their validation and holdout figures
+are their search figure (such a measurement says ``held_out: False``).
 
 A trial (:meth:`JobEvaluator.evaluate`):
 
@@ -15,7 +17,11 @@ A trial (:meth:`JobEvaluator.evaluate`):
    over both stages, so the full figure equals a one-shot measurement) and the reward.
 
 Tax per task is the relative degradation against θ_base on the same slice; the job's tax is
-the weighted mean over tasks. θ_base's statistics are measured once per job and cached in
+the weighted mean over tasks. Every figure carries its standard error, from the per-record
+values behind it (reward: over prompts; tax: each task's tax over its records, paired with
+θ_base on the same records by the delta method, then combined over the independent tasks;
+see service/stats.py), and the per-record values stay on the measurement (``records``, in
+memory only) so that two merges can be compared record by record. θ_base's statistics are measured once per job and cached in
 a JSON file keyed by the base checkpoint's and the data files' hashes and the evaluation
 settings (:func:`base_cache_key`), so reruns skip them.
 """
@@ -25,30 +31,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from service import stats
 from service.errors import SpecError
 from service.spec import JobSpec, TaxTask
 from workers.evaluate import tasks as T
-from workers.evaluate.data import load_jsonl, split_holdout
+from workers.evaluate.data import load_jsonl, split_parts
 from workers.evaluate.lm import BatchHook
+from workers.evaluate.tasks import PerRecord
 
 log = logging.getLogger(__name__)
 
 #: bump when a metric's computation changes: cached θ_base figures of another version are ignored
-EVALUATOR_VERSION = 1
+EVALUATOR_VERSION = 2
 
-SLICES = ("stage1", "stage2", "holdout")
-
-Stats = tuple[float, float]  # a metric's sufficient statistics: (total, count)
+SLICES = ("stage1", "stage2", "validation", "holdout")
+#: the parts a merge is measured on after the search: where the answer is chosen, reported
+PARTS = ("validation", "holdout")
 
 
 @dataclass
 class Measurement:
-    """What one evaluation found. ``stage`` is 1 when stopped after stage 1, else 2."""
+    """What one evaluation found. ``stage`` is 1 when stopped after stage 1, else 2.
+
+    ``reward_se``, ``tax_se``: standard errors (None where a figure has no spread to
+    estimate it from: one record, a python reward, an lm-eval metric without per-document
+    values); ``n_reward``, ``n_tax``: the records behind each; ``held_out``: False when a
+    figure of a held-out part had to use the search data (unsplit sets); ``records``: the
+    per-record values (reward per prompt, per task its PerRecord), not serialised.
+    """
 
     stage: int
     tax: float
@@ -57,9 +73,21 @@ class Measurement:
     reward: float | None = None
     pruned: bool = False
     seconds: float = 0.0
+    reward_se: float | None = None
+    tax_se: float | None = None
+    n_reward: int = 0
+    n_tax: int = 0
+    held_out: bool = True
+    records: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("records")
+        return out
+
+    @property
+    def reward_records(self) -> list[float] | None:
+        return self.records.get("reward")
 
 
 @dataclass
@@ -80,28 +108,32 @@ class JobEvaluator:
         self.reward_model = reward_model
         self.reward_tokenizer = reward_tokenizer
         fraction = spec.search.holdout_fraction
+        validation_share = spec.search.validation_fraction
         self.tasks: dict[str, _Task] = {}
         for task in spec.tax.tasks:
             if task.type == "lm_eval":
                 self.tasks[task.name] = _Task(task, True)
                 continue
             records = load_jsonl(task.data, task.type)
-            search, holdout = split_holdout(records, fraction, seed=f"tax:{task.name}")
+            search, validation, holdout = split_parts(records, fraction, validation_share,
+                                                      seed=f"tax:{task.name}")
             n1 = max(1, round(len(search) * spec.search.prune_fraction)) if len(search) > 1 else 0
             self.tasks[task.name] = _Task(task, T.TAX_METRICS[task.type][1], {
-                "stage1": search[:n1], "stage2": search[n1:], "holdout": holdout})
+                "stage1": search[:n1], "stage2": search[n1:], "validation": validation,
+                "holdout": holdout})
         reward = spec.reward
         self.python_reward = T.load_python_reward(reward.function) if reward.type == "python" else None
         self.reward_sets: dict[str, list[dict]] = {}
         if reward.type in ("reward_model", "preference"):
             kind, path = (("prompts", reward.prompts) if reward.type == "reward_model"
                           else ("preference", reward.data))
-            search, holdout = split_holdout(load_jsonl(path, kind), fraction, seed="reward")
-            self.reward_sets = {"search": search, "holdout": holdout}
+            search, valid, holdout = split_parts(load_jsonl(path, kind), fraction,
+                                                 validation_share, seed="reward")
+            self.reward_sets = {"search": search, "validation": valid, "holdout": holdout}
         if reward.type == "reward_model" and reward_model is None:
             raise SpecError("reward type reward_model needs a loaded reward model",
                             field="reward.model")
-        self.base: dict[str, dict[str, Stats | float]] | None = None
+        self.base: dict[str, dict] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -131,36 +163,41 @@ class JobEvaluator:
 
     def measure_base(self, *, cache_dir: str | Path | None = None, cache_key: str | None = None,
                      on_batch: BatchHook = None) -> bool:
-        """Measure θ_base's statistics on every slice (the live model must hold θ_base).
-
-        Returns True when they came from the cache.
-        """
+        """Measure θ_base's per-record values on every slice (the live model must hold
+        θ_base). Returns True when they came from the cache."""
         file = Path(cache_dir) / f"{cache_key}.json" if cache_dir and cache_key else None
         if file is not None and file.is_file():
             try:
                 cached = json.loads(file.read_text())
                 if set(cached) == set(self.tasks):
-                    self.base = {t: {k: (tuple(v) if isinstance(v, list) else v)
-                                     for k, v in d.items()} for t, d in cached.items()}
+                    self.base = {name: self._base_from_json(name, d) for name, d in cached.items()}
                     log.info("θ_base figures from cache %s", file)
                     return True
-            except (OSError, ValueError):
+            except (OSError, ValueError, TypeError, KeyError):
                 log.warning("ignoring unreadable θ_base cache %s", file)
-        base: dict[str, dict[str, Stats | float]] = {}
+        base: dict[str, dict] = {}
         for name, task in self.tasks.items():
             if task.spec.type == "lm_eval":
-                value, higher = self._lm_eval(task.spec, on_batch)
+                value, higher, per_doc = self._lm_eval(task.spec, on_batch)
                 task.higher_is_better = higher
-                base[name] = {"value": value, "higher_is_better": higher}
+                base[name] = {"value": value, "higher_is_better": higher, "per_doc": per_doc}
                 continue
-            base[name] = {s: self._stats(task, s, on_batch) for s in SLICES if task.slices[s]}
+            base[name] = {s: self._records(task, s, on_batch) for s in SLICES if task.slices[s]}
         self.base = base
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(base))
+            tmp.write_text(json.dumps({n: {k: (v.to_json() if isinstance(v, PerRecord) else v)
+                                           for k, v in d.items()} for n, d in base.items()}))
             tmp.replace(file)
         return False
+
+    def _base_from_json(self, name: str, d: dict) -> dict:
+        if self.tasks[name].spec.type == "lm_eval":
+            self.tasks[name].higher_is_better = d["higher_is_better"]
+            return {"value": d["value"], "higher_is_better": d["higher_is_better"],
+                    "per_doc": d.get("per_doc")}
+        return {k: PerRecord.from_json(v) for k, v in d.items()}
 
     # ------------------------------------------------------------------ trials
 
@@ -175,7 +212,7 @@ class JobEvaluator:
         if self.base is None:
             raise RuntimeError("measure_base() first")
         started = time.perf_counter()
-        stage1 = {n: self._stats(t, "stage1", on_batch) for n, t in self.tasks.items()
+        stage1 = {n: self._records(t, "stage1", on_batch) for n, t in self.tasks.items()
                   if t.slices.get("stage1")}
         partial = self._combine({n: (stage1[n], self.base[n]["stage1"]) for n in stage1})
         if stage1:
@@ -186,99 +223,142 @@ class JobEvaluator:
             if budget is not None and partial.tax > budget + prune_margin:
                 partial.pruned = True
                 return partial
-        pairs = {}
-        lm_values = {}
+        pairs, lm_values = {}, {}
         for name, task in self.tasks.items():
             if task.spec.type == "lm_eval":
-                lm_values[name] = self._lm_eval(task.spec, on_batch)[0]
+                lm_values[name] = self._lm_eval(task.spec, on_batch)
                 continue
-            s1 = stage1.get(name, (0.0, 0.0))
-            s2 = self._stats(task, "stage2", on_batch) if task.slices["stage2"] else (0.0, 0.0)
-            b1 = self.base[name].get("stage1", (0.0, 0.0))
-            b2 = self.base[name].get("stage2", (0.0, 0.0))
-            pairs[name] = ((s1[0] + s2[0], s1[1] + s2[1]), (b1[0] + b2[0], b1[1] + b2[1]))
+            s1 = stage1.get(name, PerRecord())
+            s2 = self._records(task, "stage2", on_batch) if task.slices["stage2"] else PerRecord()
+            base = self.base[name]
+            pairs[name] = (s1 + s2, base.get("stage1", PerRecord()) + base.get("stage2", PerRecord()))
         result = self._combine(pairs, lm_values)
-        result.reward = self.reward("search", on_batch)
+        self._reward_into(result, "search", on_batch)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def evaluate_part(self, part: str, on_batch: BatchHook = None) -> Measurement:
+        """Reward and tax of the live model on the ``validation`` or ``holdout`` part (no
+        staging). A set without records in that part is measured on its search part, and
+        the measurement says ``held_out: False``."""
+        if self.base is None:
+            raise RuntimeError("measure_base() first")
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, not {part!r}")
+        started = time.perf_counter()
+        pairs, lm_values = {}, {}
+        for name, task in self.tasks.items():
+            if task.spec.type == "lm_eval":
+                lm_values[name] = self._lm_eval(task.spec, on_batch)
+            elif task.slices[part]:
+                pairs[name] = (self._records(task, part, on_batch), self.base[name][part])
+        result = self._combine(pairs, lm_values)
+        result.held_out = not lm_values
+        self._reward_into(result, part, on_batch)
         result.seconds = time.perf_counter() - started
         return result
 
     def evaluate_holdout(self, on_batch: BatchHook = None) -> Measurement:
         """Reward and tax of the live model on the holdout data (no staging)."""
-        if self.base is None:
-            raise RuntimeError("measure_base() first")
-        started = time.perf_counter()
-        pairs, lm_values = {}, {}
-        for name, task in self.tasks.items():
-            if task.spec.type == "lm_eval":
-                lm_values[name] = self._lm_eval(task.spec, on_batch)[0]
-            elif task.slices["holdout"]:
-                pairs[name] = (self._stats(task, "holdout", on_batch), self.base[name]["holdout"])
-        result = self._combine(pairs, lm_values)
-        result.reward = self.reward("holdout", on_batch)
-        result.seconds = time.perf_counter() - started
-        return result
+        return self.evaluate_part("holdout", on_batch)
 
     @property
     def has_holdout(self) -> bool:
-        return (any(t.slices.get("holdout") for t in self.tasks.values())
-                or bool(self.reward_sets.get("holdout")))
+        return self._has("holdout")
+
+    @property
+    def has_validation(self) -> bool:
+        return self._has("validation")
+
+    def _has(self, part: str) -> bool:
+        return (any(t.slices.get(part) for t in self.tasks.values())
+                or bool(self.reward_sets.get(part)))
 
     def reward(self, part: str, on_batch: BatchHook = None) -> float:
-        """The reward of the live model on the ``search`` or ``holdout`` part of its data."""
+        """The reward of the live model on the ``search``, ``validation`` or ``holdout`` part
+        of its data."""
+        values, _ = self.reward_records(part, on_batch)
+        return values if isinstance(values, float) else math.fsum(values) / len(values)
+
+    def reward_records(self, part: str, on_batch: BatchHook = None
+                       ) -> tuple[list[float] | float, bool]:
+        """(the reward per prompt, or the python reward's one number; whether the part's own
+        records were used: False when the part is empty and the search part stood in)."""
         spec = self.spec.reward
         if spec.type == "python":
             value = self.python_reward(self.model, self.tokenizer)
             try:
-                return float(value)
+                return float(value), part == "search"
             except (TypeError, ValueError) as exc:
                 raise SpecError(f"{spec.function} returned {value!r}, not a number",
                                 field="reward.function") from exc
-        records = self.reward_sets[part] or self.reward_sets["search"]
+        own = bool(self.reward_sets.get(part))
+        records = self.reward_sets[part] if own else self.reward_sets["search"]
         if spec.type == "preference":
-            return T.preference_margin(self.model, self.tokenizer, records,
-                                       batch_size=spec.batch_size, on_batch=on_batch)
-        return T.reward_model_score(self.model, self.tokenizer, self.reward_model,
-                                    self.reward_tokenizer, records,
-                                    max_new_tokens=spec.max_new_tokens,
-                                    batch_size=spec.batch_size, on_batch=on_batch)
+            return T.preference_margins(self.model, self.tokenizer, records,
+                                        batch_size=spec.batch_size, on_batch=on_batch), own
+        return T.reward_model_scores(self.model, self.tokenizer, self.reward_model,
+                                     self.reward_tokenizer, records,
+                                     max_new_tokens=spec.max_new_tokens,
+                                     batch_size=spec.batch_size, on_batch=on_batch), own
+
+    def _reward_into(self, m: Measurement, part: str, on_batch: BatchHook) -> None:
+        values, own = self.reward_records(part, on_batch)
+        if isinstance(values, float):  # a python reward: one number, no spread
+            m.reward, m.reward_se, m.n_reward = values, None, 1
+        else:
+            m.reward, m.reward_se = stats.mean_se(values)
+            m.n_reward = len(values)
+            m.records["reward"] = values
+        if part != "search" and not own:
+            m.held_out = False
 
     # ------------------------------------------------------------------ helpers
 
-    def _stats(self, task: _Task, part: str, on_batch: BatchHook) -> Stats:
+    def _records(self, task: _Task, part: str, on_batch: BatchHook) -> PerRecord:
         t, records = task.spec, task.slices[part]
         if t.type == "multiple_choice":
-            return T.multiple_choice_stats(self.model, self.tokenizer, records,
-                                           batch_size=t.batch_size, on_batch=on_batch)
+            return T.multiple_choice_records(self.model, self.tokenizer, records,
+                                             batch_size=t.batch_size, on_batch=on_batch)
         if t.type == "exact_match":
-            return T.exact_match_stats(self.model, self.tokenizer, records,
-                                       max_new_tokens=t.max_new_tokens,
-                                       batch_size=t.batch_size, on_batch=on_batch)
-        return T.perplexity_stats(self.model, self.tokenizer, records,
-                                  batch_size=t.batch_size, on_batch=on_batch)
+            return T.exact_match_records(self.model, self.tokenizer, records,
+                                         max_new_tokens=t.max_new_tokens,
+                                         batch_size=t.batch_size, on_batch=on_batch)
+        return T.perplexity_records(self.model, self.tokenizer, records,
+                                    batch_size=t.batch_size, on_batch=on_batch)
 
-    def _lm_eval(self, t: TaxTask, on_batch: BatchHook) -> tuple[float, bool]:
-        from workers.evaluate.lmeval import lm_eval_metric
+    def _lm_eval(self, t: TaxTask, on_batch: BatchHook) -> tuple[float, bool, list[float] | None]:
+        from workers.evaluate.lmeval import lm_eval_records  # lm-eval is an optional extra
 
-        return lm_eval_metric(self.model, self.tokenizer, t.data, metric=t.metric,
-                              batch_size=t.batch_size, limit=t.limit, on_batch=on_batch)
+        return lm_eval_records(self.model, self.tokenizer, t.data, metric=t.metric,
+                               batch_size=t.batch_size, limit=t.limit, on_batch=on_batch)
 
-    def _combine(self, pairs: dict[str, tuple[Stats, Stats]],
-                 lm_values: dict[str, float] | None = None) -> Measurement:
-        metrics, task_tax = {}, {}
-        for name, (stats, base_stats) in pairs.items():
-            kind = self.tasks[name].spec.type
-            metrics[name] = T.finish_metric(kind, *stats)
-            base_value = T.finish_metric(kind, *base_stats)
-            task_tax[name] = T.relative_degradation(metrics[name], base_value,
-                                                    self.tasks[name].higher_is_better)
-        for name, value in (lm_values or {}).items():
+    def _combine(self, pairs: dict[str, tuple[PerRecord, PerRecord]],
+                 lm_values: dict[str, tuple] | None = None) -> Measurement:
+        metrics, task_tax, parts, per_task = {}, {}, [], {}
+        n_tax = 0
+        for name, (merged, base) in pairs.items():
+            task = self.tasks[name]
+            metrics[name], task_tax[name], se = T.task_tax(task.spec.type, merged, base,
+                                                           task.higher_is_better)
+            parts.append((task.spec.weight, task_tax[name], se))
+            per_task[name] = merged
+            n_tax += len(merged)
+        for name, (value, _, per_doc) in (lm_values or {}).items():
             base = self.base[name]
             metrics[name] = value
             task_tax[name] = T.relative_degradation(value, base["value"], base["higher_is_better"])
-        weights = {n: self.tasks[n].spec.weight for n in task_tax}
-        total = sum(weights.values())
-        tax = sum(task_tax[n] * w for n, w in weights.items()) / total if total else 0.0
-        return Measurement(stage=2, tax=tax, metrics=metrics, task_tax=task_tax)
+            se = None
+            if per_doc is not None and base.get("per_doc") is not None:
+                ones = [1.0] * len(per_doc)
+                _, _, se = T.task_tax("lm_eval", PerRecord(per_doc, ones),
+                                      PerRecord(base["per_doc"], ones), base["higher_is_better"])
+                per_task[name] = PerRecord(per_doc, ones)
+            parts.append((self.tasks[name].spec.weight, task_tax[name], se))
+            n_tax += len(per_doc) if per_doc is not None else 1
+        tax, tax_se = stats.combine(parts)
+        return Measurement(stage=2, tax=tax, metrics=metrics, task_tax=task_tax, tax_se=tax_se,
+                           n_tax=n_tax, records={"tax": per_task})
 
 
 def base_cache_key(spec: JobSpec, base_model: str | Path, *, device: str, dtype: str,

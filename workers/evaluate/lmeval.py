@@ -13,7 +13,9 @@ for the built-in tax tasks.
   ``data_dir``) and ``dataset_path`` are made relative to the YAML's folder, not the working
   directory. The task is then built from that config alone: nothing else is indexed or fetched,
   so it runs offline as long as its data is local.
-- No stderr bootstrap, no sample logging, zero-shot unless the YAML sets ``num_fewshot``.
+- No stderr bootstrap; samples are logged so that :func:`lm_eval_records` can return the
+  per-document values behind a mean metric (its standard error); zero-shot unless the YAML
+  sets ``num_fewshot``.
 - ``on_batch`` is called before every forward pass (loglikelihood) and every ``generate`` call
   (generation): once per batch; raising from it stops the evaluation and propagates unchanged.
 - Deterministic for a fixed model: lm-eval's seeds (python, numpy, torch, few-shot sampler) are
@@ -48,6 +50,17 @@ def lm_eval_metric(model, tokenizer, task_yaml: str | Path, *, metric: str | Non
     or ``name,filter`` (``exact_match,strict-match``); default: the task's first metric, first
     filter. ``limit``: only the first ``limit`` documents (lm-eval's ``limit``).
     """
+    value, higher, _ = lm_eval_records(model, tokenizer, task_yaml, metric=metric,
+                                       batch_size=batch_size, limit=limit, on_batch=on_batch)
+    return value, higher
+
+
+def lm_eval_records(model, tokenizer, task_yaml: str | Path, *, metric: str | None = None,
+                    batch_size: int = 16, limit: int | None = None,
+                    on_batch: Callable[[], None] | None = None
+                    ) -> tuple[float, bool, list[float] | None]:
+    """:func:`lm_eval_metric` with the per-document values behind the figure, in document
+    order, where lm-eval gives them (a metric aggregated by its mean; None otherwise)."""
     path = Path(task_yaml).expanduser()
     if not path.is_file():
         raise SpecError(f"lm-eval task file {str(path)!r} does not exist or is not a file")
@@ -81,7 +94,7 @@ def lm_eval_metric(model, tokenizer, task_yaml: str | Path, *, metric: str | Non
         try:
             lm = _make_lm(lm_eval, model, tokenizer, batch_size, hook)
             results = lm_eval["evaluate"](lm=lm, task_dict=loaded, limit=limit,
-                                          bootstrap_iters=0, log_samples=False)
+                                          bootstrap_iters=0, log_samples=True)
         except BaseException as exc:
             if any(exc is e for e in hook_errors) or not isinstance(exc, Exception):
                 raise
@@ -101,7 +114,22 @@ def lm_eval_metric(model, tokenizer, task_yaml: str | Path, *, metric: str | Non
     higher = results["higher_is_better"][name].get(metric_name)
     if higher is None:
         raise EvaluationError(f"lm-eval task {name!r} did not say whether higher {metric_name!r} is better")
-    return value, bool(higher)
+    return value, bool(higher), _per_doc(results, name, key, metric_name, value)
+
+
+def _per_doc(results: dict, name: str, key: str, metric_name: str,
+             value: float) -> list[float] | None:
+    """The documents' values of ``key`` (``metric,filter``) when their mean is the figure."""
+    flt = key.split(",", 1)[1] if "," in key else "none"
+    samples = [s for s in results.get("samples", {}).get(name, [])
+               if s.get("filter", "none") == flt and metric_name in s]
+    try:
+        values = [float(s[metric_name]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+    except (TypeError, ValueError, KeyError):
+        return None
+    if not values or abs(sum(values) / len(values) - value) > 1e-9 * max(1.0, abs(value)):
+        return None  # not a mean over documents (a corpus-level metric): no per-doc values
+    return values
 
 
 def _import_lm_eval() -> dict[str, Any]:

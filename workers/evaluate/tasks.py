@@ -4,6 +4,12 @@ Each tax metric has a direction; :func:`relative_degradation` turns a value and 
 model's value into the task's tax (positive = worse than the base model). The ``*_stats``
 functions return a metric's sufficient statistics (total, count), which add up across
 slices of a data set (staged evaluation); :func:`finish_metric` turns them into the metric.
+
+Behind each figure are per-record values (:class:`PerRecord`: a total and a count per
+record, e.g. correct 0/1 of 1 item, or the NLL of a text over its tokens; the ``*_records``
+functions), kept so that every figure gets a standard error and two merges can be compared
+record by record: :func:`task_tax` gives a task's tax with each record's influence on it,
+paired with θ_base on the same records.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import re
 import string
 from collections.abc import Sequence
 
+from dataclasses import dataclass, field
+
 import torch
 
+from service import stats
 from service.errors import EvaluationError, SpecError
 from workers.evaluate.lm import BatchHook, continuation_logprobs, greedy_generate
 
@@ -27,24 +36,82 @@ TAX_METRICS: dict[str, tuple[str, bool]] = {
 }
 
 
+@dataclass
+class PerRecord:
+    """A metric's per-record values: ``totals[i]`` over ``counts[i]`` (1 per item for an
+    accuracy; the tokens of a text for a mean NLL). Their sums are the sufficient
+    statistics; records in data-set order, so two measurements of one slice pair up."""
+
+    totals: list[float] = field(default_factory=list)
+    counts: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.totals)
+
+    def __add__(self, other: PerRecord) -> PerRecord:
+        return PerRecord(self.totals + other.totals, self.counts + other.counts)
+
+    def sums(self) -> tuple[float, float]:
+        return math.fsum(self.totals), math.fsum(self.counts)
+
+    def to_json(self) -> list[list[float]]:
+        return [self.totals, self.counts]
+
+    @classmethod
+    def from_json(cls, value) -> PerRecord:
+        totals, counts = value
+        return cls(list(map(float, totals)), list(map(float, counts)))
+
+
 def relative_degradation(value: float, base_value: float, higher_is_better: bool) -> float:
     """(base - value) / |base| for higher-is-better metrics, (value - base) / |base| otherwise."""
     scale = max(abs(base_value), 1e-12)
     return (base_value - value) / scale if higher_is_better else (value - base_value) / scale
 
 
-def multiple_choice_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
-                          on_batch: BatchHook = None) -> tuple[float, float]:
-    """(records whose answer has the highest log-likelihood among its choices, records)."""
+def task_tax(task_type: str, merged: PerRecord, base: PerRecord,
+             higher_is_better: bool) -> tuple[float, float, float | None]:
+    """(metric, tax, SE of the tax) of one task from the per-record values of the merged
+    model and of θ_base on the same records. The tax is :func:`relative_degradation` of the
+    metrics; its SE comes from each record's influence on it (delta method, paired: the
+    same records measured twice, so what is common to both cancels)."""
+    metric = finish_metric(task_type, *merged.sums())
+    base_metric = finish_metric(task_type, *base.sums())
+    tax = relative_degradation(metric, base_metric, higher_is_better)
+    if len(merged) != len(base):
+        raise EvaluationError(f"{task_type}: {len(merged)} records against θ_base's "
+                              f"{len(base)}; the θ_base cache is stale (delete it)")
+    mean, phi = stats.ratio_influence(merged.totals, merged.counts)
+    base_mean, phi_base = stats.ratio_influence(base.totals, base.counts)
+    if task_type == "perplexity":  # tax = exp(L - L_base) - 1, L the mean NLL per token
+        factor = math.exp(mean - base_mean)
+        influence = [factor * (p - q) for p, q in zip(phi, phi_base)]
+    else:  # tax = sign * (base - metric) / base, metric a mean over records
+        scale = max(abs(base_mean), 1e-12)
+        sign = 1.0 if higher_is_better else -1.0
+        influence = [sign * (-p + mean / scale * q) / scale for p, q in zip(phi, phi_base)]
+    return metric, tax, stats.se_of(influence)
+
+
+def multiple_choice_records(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                            on_batch: BatchHook = None) -> PerRecord:
+    """Per record: 1 when its answer has the highest log-likelihood among its choices."""
     pairs = [(r["prompt"], c) for r in records for c in r["choices"]]
     scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, on_batch=on_batch)
-    correct, i = 0, 0
+    correct, i = [], 0
     for r in records:
         n = len(r["choices"])
         lls = [s for s, _ in scores[i:i + n]]
-        correct += int(max(range(n), key=lls.__getitem__) == r["answer"])
+        correct.append(float(max(range(n), key=lls.__getitem__) == r["answer"]))
         i += n
-    return float(correct), float(len(records))
+    return PerRecord(correct, [1.0] * len(records))
+
+
+def multiple_choice_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                          on_batch: BatchHook = None) -> tuple[float, float]:
+    """(records whose answer has the highest log-likelihood among its choices, records)."""
+    return multiple_choice_records(model, tokenizer, records, batch_size=batch_size,
+                                   on_batch=on_batch).sums()
 
 
 def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
@@ -63,14 +130,22 @@ def normalize_answer(text: str) -> str:
     return _PUNCT.sub("", " ".join(first.lower().split())).strip()
 
 
-def exact_match_stats(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
-                      batch_size: int = 16, on_batch: BatchHook = None) -> tuple[float, float]:
-    """(greedy completions equal to the answer after :func:`normalize_answer`, records)."""
+def exact_match_records(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
+                        batch_size: int = 16, on_batch: BatchHook = None) -> PerRecord:
+    """Per record: 1 when the greedy completion equals the answer (:func:`normalize_answer`)."""
     outputs = greedy_generate(model, tokenizer, [r["prompt"] for r in records],
                               max_new_tokens=max_new_tokens, batch_size=batch_size,
                               on_batch=on_batch)
-    hits = sum(normalize_answer(o) == normalize_answer(r["answer"]) for o, r in zip(outputs, records))
-    return float(hits), float(len(records))
+    hits = [float(normalize_answer(o) == normalize_answer(r["answer"]))
+            for o, r in zip(outputs, records)]
+    return PerRecord(hits, [1.0] * len(records))
+
+
+def exact_match_stats(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
+                      batch_size: int = 16, on_batch: BatchHook = None) -> tuple[float, float]:
+    """(greedy completions equal to the answer after :func:`normalize_answer`, records)."""
+    return exact_match_records(model, tokenizer, records, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, on_batch=on_batch).sums()
 
 
 def exact_match_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
@@ -81,12 +156,19 @@ def exact_match_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_t
         on_batch=on_batch))
 
 
+def perplexity_records(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                       on_batch: BatchHook = None) -> PerRecord:
+    """Per text: its negative log-likelihood over its tokens."""
+    scores = continuation_logprobs(model, tokenizer, [("", r["text"]) for r in records],
+                                   batch_size=batch_size, on_batch=on_batch)
+    return PerRecord([-s for s, _ in scores], [float(n) for _, n in scores])
+
+
 def perplexity_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
                      on_batch: BatchHook = None) -> tuple[float, float]:
     """(total negative log-likelihood, total tokens) of the texts."""
-    scores = continuation_logprobs(model, tokenizer, [("", r["text"]) for r in records],
-                                   batch_size=batch_size, on_batch=on_batch)
-    return -sum(s for s, _ in scores), float(sum(n for _, n in scores))
+    return perplexity_records(model, tokenizer, records, batch_size=batch_size,
+                              on_batch=on_batch).sums()
 
 
 def perplexity(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
@@ -105,32 +187,49 @@ def finish_metric(task_type: str, total: float, count: float) -> float:
     return total / count
 
 
+def preference_margins(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
+                       on_batch: BatchHook = None) -> list[float]:
+    """Per pair: log p(chosen | prompt) - log p(rejected | prompt): no generation."""
+    pairs = [(r["prompt"], r[k]) for r in records for k in ("chosen", "rejected")]
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, on_batch=on_batch)
+    return [scores[2 * i][0] - scores[2 * i + 1][0] for i in range(len(records))]
+
+
 def preference_margin(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
                       on_batch: BatchHook = None) -> float:
     """Mean of log p(chosen | prompt) - log p(rejected | prompt): no generation."""
-    pairs = [(r["prompt"], r[k]) for r in records for k in ("chosen", "rejected")]
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, on_batch=on_batch)
-    margins = [scores[2 * i][0] - scores[2 * i + 1][0] for i in range(len(records))]
+    margins = preference_margins(model, tokenizer, records, batch_size=batch_size,
+                                 on_batch=on_batch)
     return sum(margins) / len(margins)
 
 
 @torch.inference_mode()
-def reward_model_score(model, tokenizer, reward_model, reward_tokenizer, records: Sequence[dict],
-                       *, max_new_tokens: int = 32, batch_size: int = 16,
-                       on_batch: BatchHook = None) -> float:
-    """Mean reward-model score of the greedy completions to the prompts."""
+def reward_model_scores(model, tokenizer, reward_model, reward_tokenizer,
+                        records: Sequence[dict], *, max_new_tokens: int = 32,
+                        batch_size: int = 16, on_batch: BatchHook = None) -> list[float]:
+    """Per prompt: the reward model's score of the greedy completion."""
     completions = greedy_generate(model, tokenizer, [r["prompt"] for r in records],
                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   on_batch=on_batch)
     device = next(reward_model.parameters()).device
-    total = 0.0
+    scores: list[float] = []
     for start in range(0, len(records), batch_size):
         texts = [r["prompt"] + c for r, c in zip(records[start:start + batch_size],
                                                  completions[start:start + batch_size])]
         enc = reward_tokenizer(texts, return_tensors="pt", padding=True)
         logits = reward_model(**{k: v.to(device) for k, v in enc.items()}).logits
-        total += float(logits[:, 0].float().sum())
-    return total / len(records)
+        scores.extend(float(v) for v in logits[:, 0].float())
+    return scores
+
+
+def reward_model_score(model, tokenizer, reward_model, reward_tokenizer, records: Sequence[dict],
+                       *, max_new_tokens: int = 32, batch_size: int = 16,
+                       on_batch: BatchHook = None) -> float:
+    """Mean reward-model score of the greedy completions to the prompts."""
+    scores = reward_model_scores(model, tokenizer, reward_model, reward_tokenizer, records,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 on_batch=on_batch)
+    return sum(scores) / len(scores)
 
 
 def load_python_reward(function: str):

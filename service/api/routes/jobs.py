@@ -120,10 +120,12 @@ def trial_points(job_id: str, _: Viewer, session: SessionDep, settings: Settings
     except DependencyUnavailableError:
         cursor = None
     rows = job_db.trial_points(session, job_id)
-    cols = list(zip(*rows)) if rows else [()] * 7
+    cols = list(zip(*rows)) if rows else [()] * 9
     return TrialPoints(count=len(rows), cursor=cursor, number=cols[0], kind=cols[1], state=cols[2],
                        feasible=cols[3], reward=[_round(v) for v in cols[4]],
-                       tax=[_round(v) for v in cols[5]], uniform_ratio=cols[6])
+                       tax=[_round(v) for v in cols[5]], uniform_ratio=cols[6],
+                       reward_se=[_round(v) for v in cols[7]],
+                       tax_se=[_round(v) for v in cols[8]])
 
 
 def _round(value: float | None) -> float | None:

@@ -29,11 +29,14 @@ def test_slices_partition_each_set(job):
     spec, _, _, ev = job
     for t in spec.tax.tasks:
         sl = ev.tasks[t.name].slices
-        n = sum(len(sl[s]) for s in ("stage1", "stage2", "holdout"))
+        n = sum(len(sl[s]) for s in ("stage1", "stage2", "validation", "holdout"))
         assert n == 12
         assert len(sl["holdout"]) == 3  # 25 % of 12
-        assert len(sl["stage1"]) == round(9 * spec.search.prune_fraction)
-    assert len(ev.reward_sets["search"]) + len(ev.reward_sets["holdout"]) == 10
+        assert len(sl["validation"]) == 2  # 20 % of 12, out of the other 9
+        assert len(sl["stage1"]) == round(7 * spec.search.prune_fraction)
+        ids = [json.dumps(r, sort_keys=True) for part in sl.values() for r in part]
+        assert len(set(ids)) == 12  # no record in two slices
+    assert sum(len(v) for v in ev.reward_sets.values()) == 10
 
 
 def test_base_has_zero_tax(job):
@@ -134,7 +137,8 @@ def test_lm_eval_task_counts_toward_the_tax(tmp_path):
     merger.apply([0.0, 0.0])
     ev.measure_base()
     base_acc, higher = lm_eval_metric(merger.model, tok, task_yaml)
-    assert ev.base["mc_harness"] == {"value": base_acc, "higher_is_better": higher}
+    assert ev.base["mc_harness"]["value"] == base_acc
+    assert ev.base["mc_harness"]["higher_is_better"] == higher
     merger.apply([1.0, 1.0])
     m = ev.evaluate()
     acc, _ = lm_eval_metric(merger.model, tok, task_yaml)

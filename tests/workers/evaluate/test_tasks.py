@@ -144,3 +144,37 @@ def test_batch_hook_can_stop_an_evaluation(lm):
     with pytest.raises(KeyboardInterrupt):
         tasks.perplexity(model, tok, [{"text": "abc"}] * 5, batch_size=2, on_batch=hook)
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------ per-record tax and its SE
+
+def test_task_tax_of_an_accuracy_is_paired_with_the_base_records():
+    from service.stats import paired_interval
+
+    base = tasks.PerRecord([1, 1, 1, 0, 1, 1, 0, 1], [1] * 8)
+    merged = tasks.PerRecord([1, 0, 1, 0, 1, 0, 0, 1], [1] * 8)
+    metric, tax, se = tasks.task_tax("exact_match", merged, base, True)
+    assert metric == 0.5 and tax == pytest.approx((0.75 - 0.5) / 0.75)
+    # the delta method by hand: tax = 1 - m / b, record i moves it by
+    # (-(x_i - m) + (m / b) (y_i - b)) / b; its SE is that influence's sd / sqrt(n)
+    m, b = 0.5, 0.75
+    infl = [(-(x - m) + m / b * (y - b)) / b for x, y in zip(merged.totals, base.totals)]
+    mean = sum(infl) / 8
+    assert se == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in infl) / 7 / 8))
+    # close to the paired difference of accuracies over the base accuracy
+    d = paired_interval(base.totals, merged.totals)
+    assert se == pytest.approx(d.se / b, rel=0.35)
+    same_metric, same_tax, same_se = tasks.task_tax("exact_match", base, base, True)
+    assert same_tax == 0.0 and same_se == pytest.approx(0.0, abs=1e-12)  # θ_base: no tax, no spread
+
+
+def test_task_tax_of_a_perplexity_matches_the_metric_and_has_a_spread():
+    base = tasks.PerRecord([10.0, 12.0, 9.0, 11.0], [5.0, 6.0, 4.0, 5.0])
+    merged = tasks.PerRecord([11.0, 12.5, 10.0, 13.0], [5.0, 6.0, 4.0, 5.0])
+    metric, tax, se = tasks.task_tax("perplexity", merged, base, False)
+    want = tasks.finish_metric("perplexity", *merged.sums())
+    base_ppl = tasks.finish_metric("perplexity", *base.sums())
+    assert metric == pytest.approx(want) and tax == pytest.approx((want - base_ppl) / base_ppl)
+    assert se is not None and 0 < se < tax
+    with pytest.raises(Exception, match="θ_base cache is stale"):
+        tasks.task_tax("perplexity", merged, tasks.PerRecord([1.0], [1.0]), False)

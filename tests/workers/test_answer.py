@@ -1,0 +1,153 @@
+"""workers/answer.py: the winner is chosen on records the sampler never saw, held-out
+figures come from records that played no part in the choice, and flags say when a result
+does not hold. Constructed measurements (per-record rewards chosen by hand) stand in for
+a model's, so that the rule is tested on cases a tiny model cannot be made to produce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from service.spec import JobSpec
+from workers.answer import choose
+from workers.evaluate.job import Measurement
+from workers.results import TrialRecord
+
+
+SPEC = {"name": "answer", "base_model": "b", "aligned_model": "a",
+        "groups": {"scheme": "blocks", "k": 2},
+        "reward": {"type": "preference", "data": "p.jsonl"},
+        "tax": {"budget": 0.1, "tasks": [{"name": "t", "type": "perplexity", "data": "t.jsonl"}]}}
+
+
+def _m(rewards: list[float], tax: float, tax_se: float = 0.001) -> Measurement:
+    mean = sum(rewards) / len(rewards)
+    return Measurement(stage=2, tax=tax, metrics={}, task_tax={}, reward=mean, tax_se=tax_se,
+                       reward_se=0.01, n_reward=len(rewards), n_tax=100,
+                       records={"reward": list(rewards)})
+
+
+@dataclass
+class _Evaluator:
+    """Per (ratios, part): a constructed measurement."""
+
+    parts: dict
+    merger: object = None
+    has_validation: bool = True
+    has_holdout: bool = True
+
+    def evaluate(self):
+        return self.parts[(tuple(self.merger.ratios), "search")]
+
+    def evaluate_part(self, part, on_batch=None):
+        return self.parts[(tuple(self.merger.ratios), part)]
+
+
+@dataclass
+class _Merger:
+    ratios: list = field(default_factory=list)
+
+    def apply(self, ratios):
+        self.ratios = list(ratios)
+
+
+@dataclass
+class _Search:
+    spec: JobSpec
+    evaluator: _Evaluator
+    merger: _Merger
+    measured: dict = field(default_factory=dict)
+
+
+def _record(number, kind, ratios, m: Measurement, budget=0.1) -> TrialRecord:
+    return TrialRecord(number, kind, list(ratios), m.reward, m.tax, m.tax <= budget, 2, {}, 0.0,
+                       0.0, ratios[0] if kind == "uniform" else None, {}, m.reward_se, m.tax_se,
+                       m.n_reward, m.n_tax)
+
+
+def _world(cases: dict, *, confidence=None, validation=True, finalists=3):
+    """cases: name -> (number, kind, ratios, {part: measurement})."""
+    spec = JobSpec.model_validate({**SPEC, "tax": {**SPEC["tax"], "confidence": confidence},
+        "search": {"n_trials": 20, "finalists": finalists}})
+    merger = _Merger()
+    parts = {(tuple(r), p): m for _, _, r, ms in cases.values() for p, m in ms.items()}
+    ev = _Evaluator(parts, merger, has_validation=validation)
+    search = _Search(spec, ev, merger)
+    records = [_record(n, k, r, ms["search"]) for n, k, r, ms in cases.values()]
+    for n, _, _, ms in cases.values():
+        search.measured[n] = ms["search"]
+    return search, records
+
+
+def test_a_consistent_candidate_beats_a_lucky_one_on_the_validation_data():
+    search, records = _world({
+        "lucky": (5, "search", [0.9, 0.2], {"search": _m([3, 3, 1, 1], 0.09),
+                                            "validation": _m([0, 1, 0, 1], 0.09)}),
+        "steady": (7, "search", [0.6, 0.5], {"search": _m([2, 2, 1, 2], 0.08),
+                                             "validation": _m([2, 2, 1, 2], 0.08),
+                                             "holdout": _m([2, 1.5, 2, 2], 0.08)}),
+        "uniform": (1, "uniform", [0.5, 0.5], {"search": _m([1, 1, 0.5, 1], 0.05),
+                                               "validation": _m([1, 1, 1, 0.5], 0.05),
+                                               "holdout": _m([1, 1, 0.5, 1], 0.05)}),
+        "over": (9, "search", [1.0, 1.0], {"search": _m([9, 9, 9, 9], 0.5)}),  # infeasible
+    })
+    a = choose(search, records)
+    assert a.best.number == 7 and a.chosen_by == "validation"  # not the luckiest trial (5)
+    assert a.uniform.number == 1
+    assert {f["trial"] for f in a.finalists} == {5, 7, 1}  # never the infeasible one
+    assert a.best_validation["reward"] == pytest.approx(1.75)
+    # held-out figures of the winner: from the holdout records only, paired with the uniform
+    assert a.best_holdout["reward"] == pytest.approx(1.875)
+    assert a.holdout_gain.mean == pytest.approx(1.875 - 0.875)
+    assert a.holdout_gain.excludes_zero and not a.flags
+    assert a.per_record["best"]["holdout_reward"] == [2, 1.5, 2, 2]
+    # the search gain is paired on the search records of the two trials
+    assert a.gain.mean == pytest.approx(1.75 - 0.875)
+
+
+def test_flags_say_when_the_holdout_does_not_agree():
+    search, records = _world({
+        "best": (4, "search", [0.7, 0.7], {"search": _m([2, 2, 2, 2], 0.09),
+                                           "validation": _m([2, 2, 2, 1], 0.09),
+                                           "holdout": _m([0, 1, 0, 1], 0.12)}),
+        "uniform": (1, "uniform", [0.5, 0.5], {"search": _m([1, 1, 1, 1], 0.05),
+                                               "validation": _m([1, 1, 1, 1], 0.05),
+                                               "holdout": _m([1, 1, 0, 1], 0.05)}),
+    })
+    codes = {f["code"] for f in choose(search, records).flags}
+    assert codes == {"holdout_over_budget", "holdout_gain_negative"}
+    search.evaluator.parts[((0.7, 0.7), "holdout")] = _m([1, 2, 0, 1], 0.08)
+    a = choose(search, records)
+    assert {f["code"] for f in a.flags} == {"holdout_gain_not_significant"}
+    assert a.holdout_gain.lo < 0 < a.holdout_gain.hi
+
+
+def test_no_validation_data_keeps_the_search_rule_and_tax_confidence_counts():
+    cases = {
+        "top": (3, "search", [0.8, 0.8], {"search": _m([3, 3, 3, 3], 0.09),
+                                          "validation": _m([0, 0, 0, 0], 0.09),
+                                          "holdout": _m([3, 3, 3, 3], 0.09)}),
+        "uniform": (1, "uniform", [0.5, 0.5], {"search": _m([1, 1, 1, 1], 0.05),
+                                               "validation": _m([1, 1, 1, 1], 0.05),
+                                               "holdout": _m([1, 1, 1, 1], 0.05)}),
+    }
+    search, records = _world(cases, validation=False)
+    a = choose(search, records)
+    assert a.best.number == 3 and a.chosen_by == "search" and not a.finalists
+    # with tax.confidence 0.95, a validation tax of 0.09 +- 0.01 is over 0.1 at its bound
+    cases["top"][3]["validation"] = _m([3, 3, 3, 3], 0.09, tax_se=0.01)
+    search, records = _world(cases, confidence=0.95)
+    a = choose(search, records)
+    assert a.best.number == 1  # the uniform ratio is within the budget by its bound too
+
+
+def test_when_no_finalist_is_feasible_on_validation_the_search_decides_and_says_so():
+    search, records = _world({
+        "top": (3, "search", [0.8, 0.8], {"search": _m([3, 3, 3, 3], 0.09),
+                                          "validation": _m([3, 3, 3, 3], 0.2),
+                                          "holdout": _m([3, 3, 3, 3], 0.09)}),
+    })
+    a = choose(search, records)
+    assert a.best.number == 3 and a.chosen_by == "search" and a.uniform is None
+    assert [f["code"] for f in a.flags] == ["validation_over_budget"]
