@@ -16,7 +16,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from service import queue
+from service import queue, stats
 from service.db import jobs as job_db
 from service.db import pipelines as pipe_db
 from service.db import session_scope
@@ -81,15 +81,27 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
             return
         else:
             reason = _remeasured(s, run, champion)
-        if (reason is None and run.champion_reward is not None
+        paired = None
+        if reason is None and run.champion_reward is not None:
+            paired = paired_gain(result, champion_records(s, run, champion, same),
+                                 spec.promote.confidence)
+        if paired is not None and not paired[1] > spec.promote.margin:
+            reason = (f"its holdout gain over the champion (run {champion.id}"
+                      f"{'' if same else ', re-measured on this data'}) is {paired[0]:+.4g}, "
+                      f"whose lower bound {paired[1]:+.4g} at {spec.promote.confidence:.0%} "
+                      f"does not clear the margin {spec.promote.margin} (paired over "
+                      f"{paired[2]} prompts)")
+        elif (reason is None and paired is None and run.champion_reward is not None
                 and not run.reward > run.champion_reward + spec.promote.margin):
             reason = (f"reward {run.reward:.6g} does not beat the champion's "
                       f"{run.champion_reward:.6g} (run {champion.id}"
                       f"{'' if same else ', re-measured on this data'}) by more than "
                       f"the margin {spec.promote.margin}")
+    flags = "; ".join(f["message"] for f in result.get("flags") or [])
     if reason is not None:
         run.status, run.decision, run.reason, run.finished_at = (
-            PipelineRunStatus.SUCCEEDED, "kept", reason, now)
+            PipelineRunStatus.SUCCEEDED, "kept", reason + (f" (flags: {flags})" if flags
+                                                           else ""), now)
         emit_run(s, p, "run.finished", run, now)
         return
     out = resolve_path("promote.dir", str(Path(spec.promote.dir) / run.id),
@@ -98,11 +110,35 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
     run.reason = ("no champion yet" if champion is None else
                   f"the champion (run {champion.id}) is over the tax budget on this "
                   "run's data" if run.champion_reward is None else
+                  f"its holdout gain over the champion (run {champion.id}) is "
+                  f"{paired[0]:+.4g}, lower bound {paired[1]:+.4g} at "
+                  f"{spec.promote.confidence:.0%} over {paired[2]} prompts: more than "
+                  f"{spec.promote.margin}" if paired is not None else
                   f"reward {run.reward:.6g} beats the champion's "
                   f"{run.champion_reward:.6g} (run {champion.id}) by more than "
-                  f"{spec.promote.margin}")
+                  f"{spec.promote.margin}") + (f" (flags: {flags})" if flags else "")
     # before the commit: when Redis fails, nothing of this decision is kept
     queue.request_export(settings, s, job, out, field="promote.dir")
+
+
+def champion_records(s, run: PipelineRun, champion: PipelineRun, same: bool) -> list | None:
+    """The champion's holdout reward per prompt on this run's data: its own job's answer
+    (same data), or its re-measure's uniform point at α = 1; None when not recorded (a
+    champion from before per-record results)."""
+    job = job_db.get_job(s, champion.job_id if same else run.champion_job_id)
+    per_record = (job.result or {}).get("per_record") or {}
+    return (per_record.get("best" if same else "best_uniform") or {}).get("holdout_reward")
+
+
+def paired_gain(result: dict, champion: list | None,
+                confidence: float) -> tuple[float, float, int] | None:
+    """(holdout gain of a run's answer over the champion, its one-sided lower bound at
+    ``confidence``, prompts), paired prompt by prompt; None without both per-record sets."""
+    mine = ((result.get("per_record") or {}).get("best") or {}).get("holdout_reward")
+    if mine is None or champion is None or len(mine) != len(champion) or len(mine) < 2:
+        return None
+    iv = stats.paired_interval(mine, champion, level=2 * confidence - 1)
+    return iv.mean, iv.lo, iv.n
 
 
 def _remeasured(s, run: PipelineRun, champion: PipelineRun) -> str | None:

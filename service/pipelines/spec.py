@@ -75,6 +75,9 @@ class Promote(BaseModel):
                      "<dir>/<run id>/ each, and the alias <dir>/current")
     margin: float = Field(0.0, ge=0, description="the candidate's reward must beat the "
                           "champion's by more than this")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="the candidate's holdout gain "
+                              "over the champion, paired prompt by prompt, must clear the "
+                              "margin at this one-sided confidence (its lower bound)")
 
 
 class Webhook(BaseModel):

@@ -225,7 +225,7 @@ def test_two_schedulers_start_a_due_run_exactly_once(pg_stack, tiny_spec, roots)
 # ------------------------------------------------------------------ decisions
 
 def _finished_run(settings, pipeline_id: str, *, reward, tax, holdout_tax=None, spec=None,
-                  status="succeeded", at=None):
+                  status="succeeded", at=None, holdout_rewards=None):
     """A run whose job has ended (the job row and result a worker writes)."""
     from service.db import jobs as job_db
     from service.db import pipelines as pipe_db
@@ -239,6 +239,8 @@ def _finished_run(settings, pipeline_id: str, *, reward, tax, holdout_tax=None, 
             "trial": 3, "ratios": {"block0": 0.3, "block1": 0.8}, "reward": reward, "tax": tax,
             "holdout": {"reward": reward, "tax": holdout_tax if holdout_tax is not None else tax}}
         job.result = {"best": best, "best_uniform": {"ratio": 0.5, "reward": 0.0}, "gain": 0.1}
+        if holdout_rewards is not None:  # the answer's holdout reward per prompt
+            job.result["per_record"] = {"best": {"holdout_reward": holdout_rewards}}
         job.best_ratios = best and best["ratios"]
         job_db.set_status(s, job.id, JobStatus(status))
         run = pipe_db.claim_run(s, pipeline_id, at or datetime.now(UTC), "manual", "running")
@@ -256,6 +258,45 @@ def _export_done(settings, job_id: str) -> None:
         Path(job.export_dir).mkdir(parents=True)
         (Path(job.export_dir) / "hma_manifest.json").write_text("{}")
         job.export_status = "succeeded"
+
+
+def test_an_insignificant_paired_gain_over_the_champion_is_not_promoted(stack, tiny_spec,
+                                                                          roots):
+    """With per-record holdout rewards on both sides, the run must beat the champion prompt by
+    prompt: its paired gain's lower bound (95 %, one-sided) must clear the margin."""
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+    from service.pipelines.scheduler import Scheduler
+
+    spec = _pipeline(tiny_spec, roots, promote={"dir": str(roots[0] / "promoted" / "q")})
+    with stack.client() as api:
+        pid = api.post("/v1/pipelines", json=spec).json()["id"]
+    settings, sched = stack.settings, Scheduler(stack.settings)
+    job_spec = {**tiny_spec, "export": None}
+    t0 = datetime.now(UTC)
+    champion = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+    def run(reward, rewards, minutes):
+        run_id, job_id = _finished_run(settings, pid, reward=reward, tax=0.1, spec=job_spec,
+                                       at=t0 + timedelta(minutes=minutes),
+                                       holdout_rewards=rewards)
+        sched.tick()
+        with session_scope(settings.database()) as s:
+            if pipe_db.get_run(s, run_id).status == "promoting":
+                _export_done(settings, job_id)
+        sched.tick()
+        with session_scope(settings.database()) as s:
+            r = pipe_db.get_run(s, run_id)
+            return r.decision, r.reason
+
+    assert run(1.0, champion, 1)[0] == "promoted"
+    # a higher search reward, but on the holdout it wins two prompts and loses one: noise
+    noisy = run(2.0, [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], 2)
+    assert noisy[0] == "kept" and "lower bound" in noisy[1] and "paired over 8 prompts" in noisy[1]
+    # better on every prompt: promoted, with the paired figures in its reason
+    clear = run(2.0, [v + 1.0 for v in champion], 3)
+    assert clear[0] == "promoted" and "holdout gain over the champion" in clear[1]
+    assert "+1" in clear[1]
 
 
 def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, roots):
