@@ -1,0 +1,132 @@
+"""Figures a team can trust: do held-out gains and their intervals hold on fresh data?
+
+On the reference world, SEEDS seeds x TRIALS trials of the default search (tpe). Per seed:
+
+- the search gain of the answer over the best uniform ratio (paired, search data);
+- the holdout gain with its 95 % interval (the answer's own figures: workers/answer.py);
+- the gain of the same two merges on a fresh test set that no part of the job saw (the
+  world's data/fresh/ prompts), paired prompt by prompt; whether the holdout interval
+  covers it;
+- the winner's curse: how far the winner's search reward overstates its holdout reward, in
+  units of its standard error, for the answer chosen on the validation data ("after") and
+  for the trial of highest search reward, the rule before ("before"), on the same search.
+
+    python bench/bench_uncertainty.py [--world DIR] [--seeds 10] [--trials 40] [--json FILE]
+
+Targets (issue 15): holdout gain positive in 10/10 seeds, its interval excludes 0 in >= 8/10,
+the interval covers the fresh-test gain in >= 8/10, the curse under one SE on average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from _common import machine_info, table, write_json  # bench/ is the script's folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--world", default=None, help="reference world folder (default: the cache)")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--json", dest="json_out", default=None)
+    args = ap.parse_args()
+
+    import optuna
+
+    from service.settings import get_settings
+    from service.spec import load_spec
+    from service.stats import paired_interval
+    from workers.evaluate.job import JobEvaluator
+    from workers.results import best_of
+    from workers.search import Search, load_job, measure_base
+    from workers.world import ensure_world
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    world = Path(args.world) if args.world else ensure_world(get_settings().cache_dir / "world")
+    spec = load_spec(world / "spec.yaml")
+    fresh_prompts = world / "data" / "fresh" / Path(spec.reward.prompts).name
+    if not fresh_prompts.is_file():
+        raise SystemExit(f"{fresh_prompts} is missing: rebuild the world (hmaopt world build)")
+    merger, ev = load_job(spec, device="auto")
+    measure_base(merger, ev)
+    fresh_spec = spec.model_copy(deep=True)
+    fresh_spec.reward.prompts = str(fresh_prompts)
+    fresh_spec.search.holdout_fraction = fresh_spec.search.validation_fraction = 0.0
+    fresh = JobEvaluator(fresh_spec, merger.model, ev.tokenizer, reward_model=ev.reward_model,
+                         reward_tokenizer=ev.reward_tokenizer)
+
+    def fresh_rewards(ratios) -> list[float]:
+        merger.apply(ratios)
+        values, _ = fresh.reward_records("search")
+        return values
+
+    rows, per_seed = [], []
+    started = time.perf_counter()
+    for seed in range(args.seeds):
+        s = spec.model_copy(deep=True)
+        s.search.seed, s.search.n_trials = seed, args.trials
+        search = Search(s, merger, ev, name=f"uncertainty-{seed}")
+        search.run()
+        result = search.result(base_cached=True, base_seconds=0.0, total_seconds=0.0)
+        best, uniform = result.best, result.uniform
+        if best is None or uniform is None or result.holdout_gain_interval is None:
+            raise SystemExit(f"seed {seed}: no feasible answer or no holdout: {result.flags}")
+        hg = result.holdout_gain_interval
+        fg = paired_interval(fresh_rewards(best.ratios), fresh_rewards(uniform.ratios))
+        lucky = best_of(result.trials)  # the rule before: the best search trial
+        lucky_holdout = search.measure_holdout(lucky)
+        after = (best.reward - result.best_holdout["reward"]) / best.reward_se
+        before = (lucky.reward - lucky_holdout["reward"]) / lucky.reward_se
+        covered = hg.lo <= fg.mean <= hg.hi
+        per_seed.append({
+            "seed": seed, "winner": best.number, "lucky": lucky.number,
+            "search_gain": result.gain, "gain_ci95": result.gain_interval.to_list(),
+            "holdout_gain": hg.mean, "holdout_gain_ci95": hg.to_list(), "n_holdout": hg.n,
+            "fresh_gain": fg.mean, "fresh_gain_ci95": fg.to_list(), "n_fresh": fg.n,
+            "covered": covered, "curse_after_se": after, "curse_before_se": before,
+            "best_search_reward": best.reward, "best_holdout_reward": result.best_holdout["reward"],
+            "best_reward_se": best.reward_se, "best_tax": best.tax,
+            "best_holdout_tax": result.best_holdout["tax"], "flags": result.flags})
+        rows.append([seed, best.number, f"{result.gain:+.3f}",
+                     f"{hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}]",
+                     f"{fg.mean:+.3f} [{fg.lo:+.3f}, {fg.hi:+.3f}]", "yes" if covered else "no",
+                     f"{before:+.2f}", f"{after:+.2f}"])
+        print(f"seed {seed}: holdout gain {hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}], fresh "
+              f"{fg.mean:+.3f}, curse before {before:+.2f} SE after {after:+.2f} SE", flush=True)
+    n = len(per_seed)
+    summary = {
+        "seeds": n, "trials": args.trials,
+        "holdout_gain_positive": sum(p["holdout_gain"] > 0 for p in per_seed),
+        "holdout_ci_excludes_zero": sum(p["holdout_gain_ci95"][0] > 0 or p["holdout_gain_ci95"][1] < 0
+                                        for p in per_seed),
+        "ci_covers_fresh": sum(p["covered"] for p in per_seed),
+        "curse_before_mean_se": statistics.mean(p["curse_before_se"] for p in per_seed),
+        "curse_after_mean_se": statistics.mean(p["curse_after_se"] for p in per_seed),
+        "curse_before_sd_se": statistics.stdev(p["curse_before_se"] for p in per_seed) if n > 1 else None,
+        "curse_after_sd_se": statistics.stdev(p["curse_after_se"] for p in per_seed) if n > 1 else None,
+        "holdout_gain_mean": statistics.mean(p["holdout_gain"] for p in per_seed),
+        "holdout_gain_sd": statistics.stdev(p["holdout_gain"] for p in per_seed) if n > 1 else None,
+        "fresh_gain_mean": statistics.mean(p["fresh_gain"] for p in per_seed),
+        "seconds": round(time.perf_counter() - started, 1),
+        "n_reward": {part: len(ev.reward_sets.get(part, [])) for part in
+                     ("search", "validation", "holdout")},
+        "n_fresh": per_seed[0]["n_fresh"],
+    }
+    print(table(["seed", "answer", "search gain", "holdout gain [95 %]", "fresh gain [95 %]",
+                 "covers", "curse before", "curse after"], rows))
+    print(f"holdout gain > 0: {summary['holdout_gain_positive']}/{n}; interval excludes 0: "
+          f"{summary['holdout_ci_excludes_zero']}/{n}; covers the fresh gain: "
+          f"{summary['ci_covers_fresh']}/{n}; winner's curse (search - holdout reward, in "
+          f"SE): before {summary['curse_before_mean_se']:+.2f} (sd "
+          f"{summary['curse_before_sd_se'] or 0:.2f}), after "
+          f"{summary['curse_after_mean_se']:+.2f} (sd {summary['curse_after_sd_se'] or 0:.2f})")
+    write_json(args.json_out, {"machine": machine_info(), "summary": summary,
+                               "per_seed": per_seed})
+
+
+if __name__ == "__main__":
+    main()
