@@ -132,6 +132,17 @@ def job_page(job_id: str, request: Request, session: SessionDep) -> Response:
     return _render(request, "job.html", caller, job=job)
 
 
+@router.get("/ui/jobs/{job_id}/answer", response_class=HTMLResponse)
+def job_answer(job_id: str, request: Request, session: SessionDep) -> Response:
+    """The job page's flags banner and held-out panel alone (answer.html, the same markup
+    the page renders): static/job.js swaps them in when the job ends."""
+    caller = _signed_in(request, session)
+    if caller is None:
+        return _to_signin(request)
+    job = job_summary(job_db.get_job(session, job_id), detail=True)
+    return _render(request, "job_answer.html", caller, job=job)
+
+
 #: one colour per compared job (table swatch and every figure)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2")
@@ -157,7 +168,8 @@ def compare_page(request: Request, session: SessionDep,
     recent, _ = job_db.list_jobs(session, limit=50)
     picked = {j.id for j in found}
     figures = [{"id": j.id, "name": j.name, "budget": j.budget, "color": COLORS[i % len(COLORS)],
-                "layout": j.layout, "best_ratios": j.best.ratios if j.best else None}
+                "layout": j.layout, "best_ratios": j.best.ratios if j.best else None,
+                "best": j.best.model_dump(exclude={"ratios"}) if j.best else None}
                for i, j in enumerate(found)]
     without = {j.id: "/ui/compare?" + urlencode({"jobs": [k.id for k in found if k is not j]},
                                                 doseq=True) for j in found}

@@ -1,5 +1,6 @@
 // The compare page: each job's trial points, best-so-far curve and best ratio profile,
-// overlaid in one colour per job (the same colours as the table's swatches).
+// overlaid in one colour per job (the same colours as the table's swatches); each job's best
+// point and uniform-α points carry ±1 SE error bars.
 "use strict";
 (function () {
   const H = window.hmaopt;
@@ -27,7 +28,14 @@
       const uni = H.uniform(ts);
       scatter.push({type: "scatter", mode: "lines", name: label + " uniform α", legendgroup: j.id,
         x: uni.map(t => t.tax), y: uni.map(t => t.reward), line: {dash: "dot", color: j.color},
+        error_x: H.errorBars(uni, "tax_se", j.color), error_y: H.errorBars(uni, "reward_se", j.color),
         showlegend: false});
+      const b = j.best ? [j.best] : [];  // the job's best (its answer once it has a result)
+      scatter.push({type: "scatter", mode: "markers", name: label + " best ±1 SE", legendgroup: j.id,
+        x: b.map(t => t.tax), y: b.map(t => t.reward), customdata: b.map(t => t.trial), showlegend: false,
+        error_x: H.errorBars(b, "tax_se", j.color), error_y: H.errorBars(b, "reward_se", j.color),
+        marker: {symbol: "star", size: 14, color: j.color, line: {color: "#000", width: 1}},
+        hovertemplate: "best: trial %{customdata}<br>tax %{x:.4f}<br>reward %{y:.4g}<extra>" + label + "</extra>"});
       scatter.push({type: "scatter", mode: "lines", x: [j.budget, j.budget], y: [0, 1], yaxis: "y",
         xaxis: "x", name: label + " budget", legendgroup: j.id, showlegend: false,
         line: {dash: "dash", color: j.color, width: 1}, hoverinfo: "name"});

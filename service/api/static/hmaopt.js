@@ -1,5 +1,6 @@
 // Shared by the job and compare pages: REST calls with the CSRF header, trial points in
-// columns (GET /v1/jobs/{id}/points), the reward-tax classes and the per-layer ratio profile.
+// columns (GET /v1/jobs/{id}/points), the reward-tax classes, ±SE error bars and the
+// per-layer ratio profile.
 "use strict";
 window.hmaopt = (function () {
   const csrf = (document.cookie.match(/(?:^|; )hmaopt_csrf=([^;]*)/) || [])[1] || "";
@@ -12,9 +13,16 @@ window.hmaopt = (function () {
       return body;
     });
 
-  // Columns -> one small object per trial (number, kind, state, feasible, reward, tax, uniform_ratio).
+  // Columns -> one small object per trial (number, kind, state, feasible, reward, tax,
+  // uniform_ratio, reward_se, tax_se: standard errors, null where the trial has none).
+  const col = (p, name, i) => p[name] ? p[name][i] : null;
   const rows = p => p.number.map((n, i) => ({number: n, kind: p.kind[i], state: p.state[i],
-    feasible: p.feasible[i], reward: p.reward[i], tax: p.tax[i], uniform_ratio: p.uniform_ratio[i]}));
+    feasible: p.feasible[i], reward: p.reward[i], tax: p.tax[i], uniform_ratio: p.uniform_ratio[i],
+    reward_se: col(p, "reward_se", i), tax_se: col(p, "tax_se", i)}));
+
+  // Plotly error bars of ±1 standard error (error_x / error_y) for the points ``ts``.
+  const errorBars = (ts, key, color) => ({type: "data", array: ts.map(t => t[key] ?? null),
+    visible: ts.some(t => t[key] !== null && t[key] !== undefined), color, thickness: 1.2, width: 3});
 
   // 0 feasible, 1 over budget, 2 pruned (stage 1 only: no reward)
   const cls = t => t.state === "pruned" ? 2 : (t.feasible ? 0 : 1);
@@ -59,6 +67,8 @@ window.hmaopt = (function () {
     yaxis: {title: {text: "α"}, range: [-0.02, 1.02]}});
 
   const fmt = (v, d) => v === null || v === undefined ? "—" : (+v).toPrecision(d);
-  return {api, rows, cls, bestOf, bestSoFar, uniform, profile, profileLayout, below, fmt,
+  // "± se" (two significant digits), or "" when there is none
+  const pm = se => se === null || se === undefined ? "" : "± " + (+se).toPrecision(2);
+  return {api, rows, cls, bestOf, bestSoFar, uniform, profile, profileLayout, below, fmt, pm, errorBars,
           config: {displaylogo: false, responsive: true}};
 })();

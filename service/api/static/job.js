@@ -1,7 +1,10 @@
 // The live job page. Figures come from the job's trial points (one columnar response, no
 // ratios), the table from the paged trials endpoint; the job's server-sent events keep both
 // current (EventSource reconnects with Last-Event-ID by itself). New points are appended to
-// the figures (Plotly.extendTraces); only a new best or baseline point redraws.
+// the figures (Plotly.extendTraces); only a new best or baseline point redraws. The best
+// trial and the uniform-α points carry ±1 SE error bars; once the job has its result, the
+// "best" is its answer (chosen on the validation data) and the held-out panel and the flags
+// banner are swapped in from /ui/jobs/{id}/answer (server-rendered, as on first load).
 "use strict";
 (function () {
   const H = window.hmaopt;
@@ -12,7 +15,7 @@
   let sort = "number", order = "desc", offset = 0;
   const trials = [];        // every finished trial seen (points: no ratios)
   const seen = new Set();   // their numbers (the event stream replays from its start)
-  let best = null;          // the best feasible point
+  let best = null;          // the best feasible point, or the job's answer once it has one
   let shown = null;         // the trial (with ratios) the profile shows; null: the best
   const full = new Map();   // trials with ratios, by number
 
@@ -28,17 +31,27 @@
       tr[k].x.push(t.tax); tr[k].y.push(k === 2 ? 0 : t.reward); tr[k].customdata.push(t.number);
     }
     const uni = H.uniform(trials);
-    tr.push({type: "scatter", mode: "lines+markers", name: "uniform α (vanilla averaging)",
+    tr.push({type: "scatter", mode: "lines+markers", name: "uniform α (vanilla averaging) ±1 SE",
       x: uni.map(t => t.tax), y: uni.map(t => t.reward), customdata: uni.map(t => t.number),
-      text: uni.map(t => "α=" + t.uniform_ratio), line: {dash: "dot", color: "#0a58ca"},
+      text: uni.map(t => "α=" + t.uniform_ratio + seText(t)), line: {dash: "dot", color: "#0a58ca"},
+      error_x: H.errorBars(uni, "tax_se", "#0a58ca"), error_y: H.errorBars(uni, "reward_se", "#0a58ca"),
       marker: {symbol: "square"}, hovertemplate: "%{text}<br>tax %{x:.4f}<br>reward %{y:.4g}<extra>uniform</extra>"});
-    tr.push({type: "scatter", mode: "markers", name: "best", x: best ? [best.tax] : [],
-      y: best ? [best.reward] : [], customdata: best ? [best.number] : [],
+    const b = best ? [best] : [];
+    tr.push({type: "scatter", mode: "markers", name: answerTrial() === null ? "best ±1 SE" : "answer ±1 SE",
+      x: b.map(t => t.tax), y: b.map(t => t.reward), customdata: b.map(t => t.number),
+      text: b.map(seText), error_x: H.errorBars(b, "tax_se", "#000"), error_y: H.errorBars(b, "reward_se", "#000"),
+      hovertemplate: "trial %{customdata}%{text}<br>tax %{x:.4f}<br>reward %{y:.4g}<extra>best</extra>",
       marker: {symbol: "star", size: 16, color: "#f5a300", line: {color: "#000", width: 1}}});
     return tr;
   }
+  const seText = t => (t.reward_se !== null && t.reward_se !== undefined ? "<br>reward " + H.pm(t.reward_se) : "") +
+    (t.tax_se !== null && t.tax_se !== undefined ? "<br>tax " + H.pm(t.tax_se) : "");
+  // the trial numbers the result chose (held-out panel's data-answer / data-uniform), or null
+  const chosen = key => { const v = document.getElementById("holdout").dataset[key]; return v ? +v : null; };
+  const answerTrial = () => chosen("answer");
+  const pick = (n, fallback) => (n !== null && trials.find(t => t.number === n)) || fallback;
   function drawAll() {
-    best = H.bestOf(trials);
+    best = pick(answerTrial(), null) || H.bestOf(trials);
     Plotly.react("scatter", scatterTraces(), Object.assign(H.below(440), {
       title: {text: "reward vs tax (budget " + budget + ")"},
       xaxis: {title: {text: "tax (dashed line: the budget)"}}, yaxis: {title: {text: "reward"}},
@@ -63,7 +76,7 @@
     const target = shown || (best && await trialWithRatios(best.number));
     if (target) traces.push(...H.profile(target.ratios, layout,
       (target === shown ? "trial " : "best trial ") + target.number));
-    const bu = H.bestOf(H.uniform(trials));
+    const bu = pick(chosen("uniform"), null) || H.bestOf(H.uniform(trials));
     if (bu && traces.length) traces.push({type: "scatter", mode: "lines", name: "best uniform α = " + bu.uniform_ratio,
       x: traces[0].x, y: traces[0].x.map(() => bu.uniform_ratio), line: {dash: "dot", color: "#0a58ca"}});
     Plotly.react("profile", traces, H.profileLayout(layout), H.config);
@@ -85,11 +98,19 @@
   function row(t) {
     const tr = document.createElement("tr");
     tr.dataset.trial = t.number;
+    // a cell is its text, or [text, standard error] (the SE in a <small> beside it)
     const cells = [t.number, t.kind, Object.entries(t.ratios).map(([k, v]) => k + "=" + v.toFixed(3)).join(" "),
-      t.state === "pruned" ? "pruned" : H.fmt(t.reward, 4), H.fmt(t.tax, 4),
+      t.state === "pruned" ? "pruned" : [H.fmt(t.reward, 4), t.reward_se], [H.fmt(t.tax, 4), t.tax_se],
       Object.entries(t.metrics).map(([k, v]) => k + " " + H.fmt(v, 3)).join(", "),
       t.stage, H.fmt(t.merge_seconds, 2), H.fmt(t.eval_seconds, 3)];
-    for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+    for (const c of cells) {
+      const td = document.createElement("td");
+      if (Array.isArray(c)) {
+        td.textContent = c[0];
+        if (H.pm(c[1])) { const se = document.createElement("small"); se.className = "se"; se.textContent = " " + H.pm(c[1]); td.append(" ", se); }
+      } else td.textContent = c;
+      tr.appendChild(td);
+    }
     tr.addEventListener("click", () => { shown = t; drawProfile(); });
     return tr;
   }
@@ -119,6 +140,23 @@
   if (exp) exp.onclick = () => H.api(`/v1/jobs/${jobId}/export`, {method: "POST",
       body: JSON.stringify({dir: document.getElementById("export-dir").value || null})})
     .then(s => say("export " + s.status + ": " + s.dir)).catch(e => say(e.message));
+
+  // ------------------------------------------------------------------ the answer
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  let answerAsked = false;
+  // The flags banner and the held-out panel as the server renders them, once the job ended.
+  async function refreshAnswer() {
+    if (answerAsked) return;
+    answerAsked = true;
+    const r = await fetch(`/ui/jobs/${jobId}/answer`, {credentials: "same-origin"});
+    if (!r.ok) return;
+    const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+    for (const id of ["flags-slot", "holdout"]) {
+      const fresh = doc.getElementById(id);
+      if (fresh) document.getElementById(id).replaceWith(document.adoptNode(fresh));
+    }
+    if (document.getElementById("scatter").data) drawAll();  // the answer's star
+  }
 
   // ------------------------------------------------------------------ live
   // The data is asked for at once; this script runs before plotly.js has loaded (the page
@@ -159,7 +197,10 @@
       }
     });
     es.addEventListener("layout", e => { layout = JSON.parse(e.data); drawProfile(); });
-    const setStatus = s => { const el = document.getElementById("status"); el.textContent = s; el.className = "status " + s; };
+    const setStatus = s => {
+      const el = document.getElementById("status"); el.textContent = s; el.className = "status " + s;
+      if (TERMINAL.has(s) && document.getElementById("holdout").dataset.result !== "1") refreshAnswer();
+    };
     es.addEventListener("status", e => setStatus(JSON.parse(e.data).status));
     es.addEventListener("job", e => setStatus(JSON.parse(e.data).status));
     es.addEventListener("export", e => { const d = JSON.parse(e.data);
