@@ -109,3 +109,35 @@ def test_compressed_assets_and_points_but_never_the_event_stream(stack, tiny_spe
         assert "content-encoding" not in events.headers
     missing = c.get(f"/v1/jobs/{job['id']}/trials/999")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+def test_the_answer_fragment_flags_and_markers(stack, tiny_spec):
+    """/ui/jobs/{id}/answer is the job page's banner and held-out panel alone; the banner
+    and the jobs list's marker appear only for a result with flags."""
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.status import JobStatus
+
+    flag = {"code": "holdout_gain_negative",
+            "message": "on the holdout data the winner loses to the best uniform ratio by 0.3"}
+    ids = {}
+    with stack.client() as api:
+        for name, flags in (("flagged", [flag]), ("clean", [])):
+            ids[name] = job_id = api.post("/v1/jobs", json={**tiny_spec, "name": name}).json()["id"]
+            with session_scope(stack.settings.database()) as s:
+                job_db.set_status(s, job_id, JobStatus.RUNNING)
+                job_db.write_result(s, job_id, {"best": None, "best_uniform": None,
+                                                "flags": flags, "finalists": []})
+    anon = httpx.Client(base_url=stack.url, timeout=30)
+    assert anon.get(f"/ui/jobs/{ids['flagged']}/answer").status_code == 303  # signed in only
+    c = _signin(stack, "viewer")
+    part = c.get(f"/ui/jobs/{ids['flagged']}/answer")
+    assert part.status_code == 200 and "<html" not in part.text
+    assert 'id="flags-slot"' in part.text and 'id="holdout"' in part.text
+    assert flag["message"] in part.text and 'data-code="holdout_gain_negative"' in part.text
+    assert 'class="flags"' in c.get(f"/ui/jobs/{ids['flagged']}").text
+    clean = c.get(f"/ui/jobs/{ids['clean']}").text
+    assert 'class="flags"' not in clean and "No feasible merge within the budget." in clean
+    assert c.get("/ui/jobs/nosuchjob/answer").status_code == 404
+    jobs = c.get("/ui/jobs").text
+    assert jobs.count('class="flag-marker"') == 1 and flag["message"] in jobs

@@ -213,3 +213,164 @@ def test_pipelines_page_shows_runs_and_decisions(browser, stack, tiny_spec):
     assert traces["skipped / failed"] == [0]
     assert all(u.startswith(stack.url) for u in requests), requests
     page.close()
+
+
+def _measured(number, reward, tax, kind="search", ratio=None, se=(0.2, 0.01), n=(40, 60)):
+    """A trial with its standard errors and record counts, as the workers record it."""
+    return {**_trial(number, reward, tax, kind, ratio=ratio), "reward_se": se[0], "tax_se": se[1],
+            "n_reward": n[0], "n_tax": n[1]}
+
+
+def _part(reward, tax, n=(30, 45), feasible=True):
+    """A validation or holdout measurement, as workers/answer.py part_dict writes it."""
+    return {"reward": reward, "reward_se": 0.25, "tax": tax, "tax_se": 0.02, "n_reward": n[0],
+            "n_tax": n[1], "held_out": True, "feasible": feasible, "metrics": {"add": 0.5}}
+
+
+def _result(flags: list[dict]) -> dict:
+    """A job result shaped as SearchResult.to_dict: the answer (trial 2, chosen on the
+    validation data over the luckier trial 3), the best uniform α (trial 1), the gains."""
+    best = {"trial": 2, "kind": "search", "ratios": {"block0": 0.22, "block1": 0.7},
+            "reward": 2.5, "tax": 0.06, "reward_se": 0.2, "tax_se": 0.01, "n_reward": 40,
+            "n_tax": 60, "metrics": {"add": 0.5}, "chosen_by": "validation",
+            "validation": _part(2.4, 0.07), "holdout": _part(2.3, 0.12, n=(31, 46),
+                                                            feasible=False)}
+    uniform = {"trial": 1, "ratio": 0.5, "reward": 2.0, "tax": 0.05, "reward_se": 0.2,
+               "tax_se": 0.01, "n_reward": 40, "n_tax": 60, "metrics": {"add": 0.5},
+               "validation": _part(1.9, 0.05), "holdout": _part(2.1, 0.06, n=(31, 46))}
+    finalists = [{"trial": n, "kind": k, "search_reward": sr, "search_tax": st,
+                  "validation_reward": vr, "validation_tax": vt, "validation_feasible": True}
+                 for n, k, sr, st, vr, vt in ((3, "search", 2.9, 0.08, 1.8, 0.09),
+                                              (2, "search", 2.5, 0.06, 2.4, 0.07),
+                                              (1, "uniform", 2.0, 0.05, 1.9, 0.05))]
+    return {"budget": 0.1, "mode": "constrained", "slots": ["block0", "block1"], "feasible": 3,
+            "best": best, "best_uniform": uniform, "gain": 0.5, "gain_ci95": [0.125, 0.875],
+            "holdout_gain": 0.2, "holdout_gain_ci95": [-0.25, 0.65], "n_gain": 40,
+            "n_holdout_gain": 31, "finalists": finalists, "flags": flags, "pareto": [],
+            "per_record": {"best": {"holdout_reward": [2.3] * 31}}}
+
+
+FLAGS = [{"code": "holdout_over_budget", "message": "the holdout tax 0.12 is over the budget 0.1"},
+         {"code": "holdout_gain_not_significant",
+          "message": "the holdout gain 0.2 has a 95 % interval [-0.25, 0.65] that includes 0 (n = 31)"}]
+
+
+def _answered_job(stack, spec, name, flags, *, finish=True):
+    """A running job with measured trials; with ``finish`` its result is written and it
+    succeeds (the workers' own calls)."""
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.status import JobStatus
+
+    with stack.client() as api:
+        body = {**spec, "name": name, "tax": {**spec["tax"], "budget": 0.1}}
+        job_id = api.post("/v1/jobs", json=body).json()["id"]
+    with session_scope(stack.settings.database()) as s:
+        job_db.set_status(s, job_id, JobStatus.RUNNING)
+        for t in (_measured(0, 1.0, 0.0, "uniform", ratio=0.0, se=(0.15, 0.0)),
+                  _measured(1, 2.0, 0.05, "uniform", ratio=0.5),
+                  _measured(2, 2.5, 0.06), _measured(3, 2.9, 0.08)):
+            job_db.add_trial(s, job_id, **t)
+        job_db.refresh_progress(s, job_id)
+        s.get(job_db.Job, job_id).layout = LAYOUT
+    if finish:
+        _finish(stack, job_id, flags)
+    return job_id
+
+
+def _finish(stack, job_id, flags):
+    from service import queue
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.status import JobStatus
+    from workers.results import jsonable
+
+    with session_scope(stack.settings.database()) as s:
+        assert job_db.write_result(s, job_id, jsonable(_result(flags))) is JobStatus.RUNNING
+        job_db.set_status(s, job_id, JobStatus.SUCCEEDED)
+    queue.publish(stack.settings, job_id, "status", {"status": "succeeded", "error": None})
+
+
+#: the scatter's uniform-α and best traces: names and their error bars (x: tax, y: reward)
+BARS = """() => document.getElementById('scatter').data.slice(3).map(t => [t.name,
+    t.customdata, t.error_x.array, t.error_y.array, t.error_x.visible && t.error_y.visible])"""
+
+
+def test_job_page_flags_error_bars_and_the_held_out_panel(browser, stack, tiny_spec):
+    flagged = _answered_job(stack, tiny_spec, "flagged", FLAGS, finish=False)
+    page, requests = _signed_in(browser, stack, "viewer", f"/ui/jobs/{flagged}")
+    page.wait_for_function("() => document.getElementById('scatter').data")
+    assert page.locator(".flags").count() == 0  # running: no result, no flags yet
+    assert "when the search finishes" in page.inner_text("#holdout")
+    uniform, best = page.evaluate(BARS)
+    assert uniform == ["uniform α (vanilla averaging) ±1 SE", [0, 1], [0.0, 0.01], [0.15, 0.2], True]
+    assert best == ["best ±1 SE", [3], [0.01], [0.2], True]  # before the answer: the best trial
+    assert "± 0.2" in page.locator("#trials tbody tr[data-trial='3'] td").nth(3).inner_text()
+    # the job ends: the banner and the panel are swapped in without a reload
+    _finish(stack, flagged, FLAGS)
+    page.wait_for_selector(".flags li", timeout=10_000)
+    banner = page.locator(".flags")
+    assert [li.get_attribute("data-code") for li in banner.locator("li").all()] == [
+        "holdout_over_budget", "holdout_gain_not_significant"]
+    assert [m.inner_text() for m in banner.locator(".message").all()] == [f["message"] for f in FLAGS]
+    # the answer (chosen on the validation data) is the star, not the luckier trial 3
+    page.wait_for_function("() => document.getElementById('scatter').data[4].customdata[0] === 2")
+    assert page.evaluate(BARS)[1] == ["answer ±1 SE", [2], [0.01], [0.2], True]
+    panel = page.locator("#holdout")
+    rows = panel.locator("table.answer tr")
+    cells = lambda i: [c.inner_text() for c in rows.nth(i).locator("td").all()]
+    assert [c.inner_text() for c in rows.nth(0).locator("th").all()][1:] == [
+        "search", "validation", "holdout"]
+    assert rows.nth(1).inner_text() == "answer: trial 2 (search)"
+    assert cells(2) == ["2.5 ± 0.2 n=40", "2.4 ± 0.25 n=30", "2.3 ± 0.25 n=31"]  # reward
+    assert cells(3) == ["0.0600 ± 0.01 n=60", "0.0700 ± 0.02 n=45", "0.1200 ± 0.02 n=46 over"]
+    assert rows.nth(4).inner_text() == "best uniform α = 0.5 (trial 1)"
+    assert cells(5) == ["2 ± 0.2 n=40", "1.9 ± 0.25 n=30", "2.1 ± 0.25 n=31"]
+    assert panel.locator(".search-gain").inner_text() == "+0.5 [+0.125, +0.875] n=40"
+    assert panel.locator(".holdout-gain").inner_text() == "+0.2 [-0.25, +0.65] n=31"
+    assert panel.locator(".chosen-by").get_attribute("data-chosen-by") == "validation"
+    assert "validation data" in panel.locator(".chosen-by").inner_text()
+    finalists = panel.locator("table.finalists tr[data-trial]")
+    assert [f.get_attribute("data-trial") for f in finalists.all()] == ["3", "2", "1"]
+    assert panel.locator("table.finalists tr.chosen").get_attribute("data-trial") == "2"
+    # a reload renders the same answer on the server
+    page.reload()
+    page.wait_for_function("() => document.getElementById('scatter').data")
+    assert page.locator(".flags li").count() == 2
+    assert page.locator("#holdout .holdout-gain").inner_text() == "+0.2 [-0.25, +0.65] n=31"
+    assert page.evaluate(BARS)[1][1] == [2]
+    assert all(u.startswith(stack.url) for u in requests), requests
+    page.close()
+
+    clean = _answered_job(stack, tiny_spec, "clean", [])
+    page, _ = _signed_in(browser, stack, "viewer", f"/ui/jobs/{clean}")
+    page.wait_for_function("() => document.getElementById('scatter').data")
+    assert page.locator(".flags").count() == 0
+    assert page.locator("#holdout .search-gain").inner_text() == "+0.5 [+0.125, +0.875] n=40"
+    page.close()
+
+    # the jobs list marks the flagged job only; the compare table lists its flag codes
+    page, _ = _signed_in(browser, stack, "viewer", "/ui/jobs")
+    marker = page.locator(f"tr[data-job='{flagged}'] .flag-marker")
+    assert marker.inner_text() == "⚠ 2" and FLAGS[0]["message"] in marker.get_attribute("title")
+    assert page.locator(f"tr[data-job='{clean}'] .flag-marker").count() == 0
+    page.goto(f"{stack.url}/ui/compare?jobs={flagged}&jobs={clean}")
+    page.wait_for_function("() => document.getElementById('scatter').data")
+    row = page.locator(f"#best-results tr[data-job='{flagged}']")
+    codes = row.locator(".flag-codes .flag")
+    assert [c.get_attribute("data-code") for c in codes.all()] == [f["code"] for f in FLAGS]
+    assert [c.inner_text() for c in codes.all()] == ["holdout over budget",
+                                                     "holdout gain not significant"]
+    assert codes.first.get_attribute("title") == FLAGS[0]["message"]
+    assert row.locator(".holdout-gain").inner_text() == "+0.2 [-0.25, +0.65] n=31"
+    assert row.locator(".gain").inner_text() == "+0.5 [+0.125, +0.875]"
+    assert row.locator(".best-reward").inner_text() == "2.5"
+    assert "± 0.2" in row.locator("td").nth(4).inner_text()
+    other = page.locator(f"#best-results tr[data-job='{clean}']")
+    assert other.locator(".flag-codes .flag").count() == 0
+    assert other.locator(".flag-codes").inner_text() == "—"
+    stars = page.evaluate("() => document.getElementById('scatter').data"
+                          ".filter(t => t.name.endsWith(' best ±1 SE'))"
+                          ".map(t => [t.customdata, t.error_y.array, t.error_x.array])")
+    assert stars == [[[2], [0.2], [0.01]]] * 2
+    page.close()
