@@ -264,6 +264,22 @@ class Page(BaseModel):
     count: int
 
 
+class PipelineList(Page):
+    data: list[PipelineOut]
+
+
+class RunList(Page):
+    data: list[RunOut]
+
+
+class PromotionList(Page):
+    data: list[PromotionOut]
+
+
+class DeliveryList(Page):
+    data: list[DeliveryOut]
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}

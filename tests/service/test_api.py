@@ -309,3 +309,23 @@ def test_the_api_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_openapi_lists_the_state_enums(stack):
+    import httpx
+
+    from service.status import (DeliveryStatus, ExportStatus, JobStatus, PipelineRunStatus,
+                                TrialStatus, WorkerState)
+
+    schemas = httpx.get(f"{stack.url}/openapi.json").json()["components"]["schemas"]
+    for enum in (JobStatus, PipelineRunStatus, ExportStatus, WorkerState, TrialStatus,
+                 DeliveryStatus):
+        assert schemas[enum.__name__]["enum"] == [e.value for e in enum], enum.__name__
+    used = {("JobSummary", "status"): "JobStatus", ("RunOut", "status"): "PipelineRunStatus",
+            ("WorkerPublic", "state"): "WorkerState", ("TrialPublic", "state"): "TrialStatus",
+            ("DeliveryOut", "status"): "DeliveryStatus"}
+    for (shape, field), enum_name in used.items():
+        prop = schemas[shape]["properties"][field]
+        assert prop.get("$ref", "").endswith(f"/{enum_name}"), (shape, field, prop)
+    export = schemas["ExportState"]["properties"]["status"]["anyOf"]
+    assert {"$ref": "#/components/schemas/ExportStatus"} in export

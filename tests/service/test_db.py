@@ -111,3 +111,110 @@ def test_db_upgrade_command(tmp_path):
     assert len(token.stdout.strip().splitlines()) == 1  # the token alone on its line
     listed = run("token", "list").stdout
     assert "viewer" in listed and token.stdout.strip() not in listed
+
+
+def test_state_columns_store_plain_values_and_refuse_others(db_url):
+    from sqlalchemy import text
+    from sqlalchemy.exc import StatementError
+
+    from service.status import JobStatus
+
+    upgrade(db_url)
+    with session_scope(db_url) as s:
+        job, _ = _job(s)
+        assert job_db.set_status(s, job.id, JobStatus.RUNNING)
+        s.commit()
+        raw = s.execute(text("SELECT status FROM hmaopt_jobs WHERE id = :i"),
+                        {"i": job.id}).scalar()
+        assert raw == "running" and type(raw) is str  # the value as stored before the enums
+        s.expire_all()
+        assert job_db.get_job(s, job.id).status is JobStatus.RUNNING
+    with pytest.raises(StatementError, match="'done' is not a valid JobStatus"), \
+            session_scope(db_url) as s:
+        job_db.get_job(s, job.id).status = "done"
+        s.flush()
+
+
+def _pipeline_spec(name="nightly", cron="0 2 * * *"):
+    return {"name": name, "schedule": {"cron": cron, "timezone": "UTC"}}
+
+
+def test_pipeline_queries(db_url):
+    from datetime import UTC, datetime, timedelta
+
+    from service.db import pipelines as pipe_db
+    from service.errors import NotFoundError
+    from service.status import PipelineRunStatus
+
+    upgrade(db_url)
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    with session_scope(db_url) as s:
+        p = pipe_db.create_pipeline(s, _pipeline_spec(), token_id=None, created_by="t", now=now)
+        other = pipe_db.create_pipeline(s, _pipeline_spec("other"), token_id=None,
+                                        created_by="t", now=now)
+        assert p.next_due_at == datetime(2026, 1, 2, 2, tzinfo=UTC)
+        s.commit()
+        with pytest.raises(ConflictError, match="a pipeline named 'nightly' exists"):
+            pipe_db.create_pipeline(s, _pipeline_spec(), token_id=None, created_by="t")
+        with pytest.raises(ConflictError, match="'other' exists"):  # a rename onto a name
+            pipe_db.update_pipeline(s, "nightly", _pipeline_spec("other"))
+        s.rollback()
+        renamed = pipe_db.update_pipeline(s, p.id, _pipeline_spec("nightly2", "0 3 * * *"),
+                                          now=now)
+        assert (renamed.name, renamed.next_due_at) == ("nightly2",
+                                                       datetime(2026, 1, 2, 3, tzinfo=UTC))
+        # paused: not due; resumed: from the next time after now, not the passed ones
+        assert pipe_db.set_paused(s, "nightly2", True).paused
+        assert pipe_db.due_pipelines(s, now + timedelta(days=2)) == [
+            (other.id, other.spec["schedule"], other.next_due_at)]
+        later = now + timedelta(days=3)
+        assert pipe_db.set_paused(s, "nightly2", False, now=later).next_due_at == \
+            datetime(2026, 1, 5, 3, tzinfo=UTC)
+        # the next time moves once: a second scheduler that saw the old time leaves it
+        seen = other.next_due_at
+        pipe_db.advance_due(s, other.id, seen, later)
+        moved = pipe_db.pipeline_by_id(s, other.id).next_due_at
+        pipe_db.advance_due(s, other.id, seen, later + timedelta(days=5))
+        assert pipe_db.pipeline_by_id(s, other.id).next_due_at == moved
+        # runs belong to their pipeline
+        run = pipe_db.claim_run(s, other.id, seen, "schedule")
+        assert run.status is PipelineRunStatus.PENDING
+        assert pipe_db.claim_run(s, other.id, seen, "schedule") is None  # claimed once
+        assert pipe_db.get_pipeline_run(s, "other", run.id).id == run.id
+        with pytest.raises(NotFoundError, match="pipeline nightly2 has no run"):
+            pipe_db.get_pipeline_run(s, "nightly2", run.id)
+        assert pipe_db.move_run(s, run.id, PipelineRunStatus.PENDING, PipelineRunStatus.STARTING)
+        assert not pipe_db.move_run(s, run.id, PipelineRunStatus.PENDING,
+                                    PipelineRunStatus.FAILED)
+        # rollbacks requested, then cleared
+        pipe_db.pipeline_by_id(s, other.id).rollback_requested_at = later
+        assert pipe_db.rollbacks_requested(s) == [other.id]
+        pipe_db.clear_rollback(s, other.id)
+        assert pipe_db.rollbacks_requested(s) == []
+        pipe_db.delete_pipeline(s, "other")
+        with pytest.raises(NotFoundError, match="no pipeline 'other'"):
+            pipe_db.get_pipeline(s, "other")
+        assert pipe_db.find_run(s, run.id) is None
+
+
+def test_webhook_delivery_queries(db_url):
+    from datetime import UTC, datetime, timedelta
+
+    from service.db import webhooks as hook_db
+    from service.status import DeliveryStatus
+
+    upgrade(db_url)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    with session_scope(db_url) as s:
+        first = hook_db.add_delivery(s, pipeline_id="p", run_id=None, event="run.started",
+                                     msg_id="msg_1", url="https://x", payload={}, now=now)
+        later = hook_db.add_delivery(s, pipeline_id="p", run_id=None, event="run.started",
+                                     msg_id="msg_2", url="https://x", payload={},
+                                     now=now + timedelta(hours=1))
+        s.flush()
+        assert first.status is DeliveryStatus.PENDING
+        assert hook_db.due_deliveries(s, now) == [first.id]
+        assert hook_db.lock_delivery(s, first.id) is first
+        first.status = DeliveryStatus.DELIVERED
+        assert hook_db.due_deliveries(s, now + timedelta(hours=2)) == [later.id]
+        assert [d.id for d in hook_db.list_deliveries(s, "p")] == [later.id, first.id]

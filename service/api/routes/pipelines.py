@@ -13,12 +13,15 @@ from fastapi import APIRouter, Body, Query
 
 from service.api.deps import Operator, SessionDep, SettingsDep, Viewer
 from service.api.schemas import (
+    DeliveryList,
     DeliveryOut,
     ErrorBody,
-    Page,
     PipelineCreated,
+    PipelineList,
     PipelineOut,
+    PromotionList,
     PromotionOut,
+    RunList,
     RunOut,
 )
 from service.db import pipelines as pipe_db
@@ -85,10 +88,10 @@ def create(spec: Annotated[dict, Body(openapi_examples={"nightly": {
         h.url: h.secret for h in checked.webhooks if h.url not in given})
 
 
-@router.get("", response_model=Page, responses=ERRORS)
+@router.get("", response_model=PipelineList, responses=ERRORS)
 def list_pipelines(_: Viewer, session: SessionDep):
     rows = pipe_db.list_pipelines(session)
-    return Page(data=[_out(p) for p in rows], count=len(rows))
+    return PipelineList(data=[_out(p) for p in rows], count=len(rows))
 
 
 @router.get("/{ref}", response_model=PipelineOut, responses=ERRORS)
@@ -141,14 +144,14 @@ def trigger(ref: str, _: Operator, session: SessionDep, settings: SettingsDep):
     return RunOut.model_validate(pipe_db.get_run(session, run_id), from_attributes=True)
 
 
-@router.get("/{ref}/runs", response_model=Page, responses=ERRORS)
+@router.get("/{ref}/runs", response_model=RunList, responses=ERRORS)
 def runs(ref: str, _: Viewer, session: SessionDep,
          limit: Annotated[int, Query(ge=1, le=1000)] = 100,
          offset: Annotated[int, Query(ge=0)] = 0):
     """Runs, newest first: status, checkpoint, job, reward, tax, gain, decision and reason."""
     p = pipe_db.get_pipeline(session, ref)
     rows = pipe_db.list_runs(session, p.id, limit=limit, offset=offset)
-    return Page(data=[RunOut.model_validate(r, from_attributes=True) for r in rows],
+    return RunList(data=[RunOut.model_validate(r, from_attributes=True) for r in rows],
                 count=len(rows))
 
 
@@ -158,12 +161,12 @@ def run(ref: str, run_id: str, _: Viewer, session: SessionDep):
                                  from_attributes=True)
 
 
-@router.get("/{ref}/promotions", response_model=Page, responses=ERRORS)
+@router.get("/{ref}/promotions", response_model=PromotionList, responses=ERRORS)
 def promotions(ref: str, _: Viewer, session: SessionDep):
     """The alias's history, newest first."""
     p = pipe_db.get_pipeline(session, ref)
     rows = pipe_db.list_promotions(session, p.id)
-    return Page(data=[PromotionOut.model_validate(r, from_attributes=True) for r in rows],
+    return PromotionList(data=[PromotionOut.model_validate(r, from_attributes=True) for r in rows],
                 count=len(rows))
 
 
@@ -175,11 +178,11 @@ def rollback(ref: str, _: Operator, settings: SettingsDep) -> dict:
     return promotion.request_rollback(settings, ref)
 
 
-@router.get("/{ref}/deliveries", response_model=Page, responses=ERRORS)
+@router.get("/{ref}/deliveries", response_model=DeliveryList, responses=ERRORS)
 def deliveries(ref: str, _: Viewer, session: SessionDep,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100):
     """The webhook delivery log, newest first."""
     p = pipe_db.get_pipeline(session, ref)
     rows = hook_db.list_deliveries(session, p.id, limit=limit)
-    return Page(data=[DeliveryOut.model_validate(r, from_attributes=True) for r in rows],
+    return DeliveryList(data=[DeliveryOut.model_validate(r, from_attributes=True) for r in rows],
                 count=len(rows))
