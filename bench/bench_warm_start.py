@@ -222,9 +222,7 @@ def main() -> None:
         data["search"].update(seed=seed, n_trials=n_trials)
         if warm is not None:  # what the pipeline scheduler does
             data = apply_warm_start(data, warm, uniform, args.scales, refine)
-        spec = JobSpec.model_validate(data)
-        spec.check()
-        return spec
+        return JobSpec.model_validate(data)  # validated, cross-field checks too
 
     tmpdir = Path(tempfile.mkdtemp(prefix="bench-warm-start-"))
 

@@ -217,7 +217,22 @@ class SearchSpec(BaseModel):
                          "job; n_trials stays the cap over all of them")
     uniform_grid: list[float] | None = Field(
         None, min_length=1,
-        description="ratios of the vanilla-averaging baseline (default 0, 0.1, ..., 1)")
+        description="ratios of the vanilla-averaging baseline on a grid (with baseline: grid; "
+        "default 0, 0.1, ..., 1)")
+    baseline: Literal["bisection", "grid"] | None = Field(
+        None, description="how the uniform baseline is found: bisection (the largest "
+        "feasible α by secant steps on the budget, about 5 evaluations) or grid "
+        "(uniform_grid); default: grid when uniform_grid is given, with mean_ratio or "
+        "ratio_bounds above 0, else bisection")
+    strategy: Literal["optuna", "gradient", "hybrid"] = Field(
+        "optuna", description="optuna: the sampler's trials; gradient: HMA's own method, "
+        "ratios learned by gradient descent on a proxy, then scaled to the budget along "
+        "their ray by true evaluations (kind 'gradient'); hybrid: the gradient stage's "
+        "trials first, then the sampler's")
+    gradient_steps: int = Field(30, ge=1, le=10_000, description="Adam steps of the "
+                                "gradient stage")
+    gradient_refine: RefineSteps = Field(3, description="trials on the gradient result's ray "
+                                         "toward the budget")
 
     warm_start: list[dict[str, float]] | None = Field(
         None, max_length=100,
@@ -292,6 +307,14 @@ class JobSpec(BaseModel):
             raise ValueError(f"mean_ratio {self.mean_ratio} is outside ratio_bounds [{lo}, {hi}]")
         return self
 
+    def baseline_mode(self) -> str:
+        """bisection or grid: the spec's ``search.baseline``, else its default."""
+        if self.search.baseline is not None:
+            return self.search.baseline
+        grid = (self.search.uniform_grid is not None or self.mean_ratio is not None
+                or self.ratio_bounds[0] > 0)
+        return "grid" if grid else "bisection"
+
     def uniform_grid(self) -> list[float]:
         """The vanilla-averaging baseline's ratios, inside ratio_bounds (only the mean under
         mean_ratio)."""
@@ -310,7 +333,13 @@ class JobSpec(BaseModel):
         if not grid:
             raise SpecError(f"no point of the uniform grid lies within ratio_bounds "
                             f"{list(self.ratio_bounds)}", field="search.uniform_grid")
-        if self.search.n_trials <= len(grid):
+        if self.baseline_mode() == "bisection" and self.ratio_bounds[0] > 0:
+            raise SpecError("baseline bisection starts from the base model (α 0): it needs "
+                            "ratio_bounds from 0; use baseline: grid", field="search.baseline")
+        if self.search.strategy != "optuna" and self.reward.type == "python":
+            raise SpecError("search.strategy gradient and hybrid learn from responses: they "
+                            "need a reward_model or preference reward", field="search.strategy")
+        if self.baseline_mode() == "grid" and self.search.n_trials <= len(grid):
             raise SpecError(
                 f"n_trials ({self.search.n_trials}) must exceed the uniform baseline's "
                 f"{len(grid)} points (search.uniform_grid), or the search never runs",
@@ -318,10 +347,6 @@ class JobSpec(BaseModel):
         if self.search.sampler == "cmaes" and self.mode == "pareto":
             raise SpecError("cmaes optimises one objective: use mode constrained, or "
                             "sampler tpe / nsga2 / random for mode pareto", field="search.sampler")
-        return self
-
-    def check(self) -> JobSpec:
-        """Kept for callers; validation runs at construction (``_cross_fields``)."""
         return self
 
     def paths(self) -> dict[str, str]:

@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 ASK_LOCK_SECONDS = 30
 #: seconds the lock around a study's set-up (and its re-enqueued grid points) is held at most
 SETUP_LOCK_SECONDS = 120
+#: seconds the gradient stage (one worker runs it; the others wait, then read its result)
+GRADIENT_LOCK_SECONDS = 3600
+#: (held at most, waited for at most) per lock of a job
+LOCK_SECONDS = {"ask": (ASK_LOCK_SECONDS, 2 * ASK_LOCK_SECONDS),
+                "setup": (SETUP_LOCK_SECONDS, 300),
+                "gradient": (GRADIENT_LOCK_SECONDS, GRADIENT_LOCK_SECONDS)}
 
 
 class JobCancelled(BaseException):
@@ -87,10 +93,10 @@ class JobRun:
         return moved
 
     def lock(self, name: str):
-        """The job's Redis lock ``name`` ("ask", "setup")."""
-        held = ASK_LOCK_SECONDS if name == "ask" else SETUP_LOCK_SECONDS
+        """The job's Redis lock ``name`` ("ask", "setup", "gradient")."""
+        held, wait = LOCK_SECONDS[name]
         return self.conn.lock(queue.Keys.lock(self.job_id, name), timeout=held,
-                              blocking_timeout=held * 2 if name == "ask" else 300)
+                              blocking_timeout=wait)
 
     def should_stop(self) -> bool:
         """Between trials: raise when the worker stops or the job was cancelled, or was

@@ -77,23 +77,29 @@ def next_scale(ray: Sequence[float], measured: Iterable[tuple[float, float]], *,
 
 
 class WarmStart:
-    """The spec's ``search.warm_start`` vectors (kind 'warm') and, with ``warm_start_refine``,
-    the steps along the first vector's ray, in a job's study.
+    """Ratio vectors run as they are, then steps along the first one's ray to the budget, in
+    a job's study: the spec's ``search.warm_start`` (kind 'warm', ``warm_start_refine``
+    steps), or the gradient stage's result (kind 'gradient').
 
-    ``taken(kind)`` lists the trials of a kind that are done or waiting (the search's rule,
-    which in a shared study counts running ones too); ``live_running`` as in Search.
+    Points on the ray carry ``ray_scale`` and ``ray`` (the kind: rays of different kinds in
+    one study are apart; a point without ``ray`` is a warm one, as studies before kept
+    them); the steps also ``refine``.
     """
 
-    def __init__(self, search) -> None:
+    def __init__(self, search, vectors: list[list[float]] | None = None, *,
+                 refine: int | None = None, kind: str = "warm") -> None:
         self.search = search
         self.study = search.study
+        self.kind = kind
         s = search.spec.search
-        self.vectors = [[float(v[slot]) for slot in search.slots]
-                        for v in self._checked(s.warm_start or [], search.slots)]
-        self.refine_limit = s.warm_start_refine
+        if vectors is None:
+            vectors = [[float(v[slot]) for slot in search.slots]
+                       for v in self._checked(s.warm_start or [], search.slots)]
+        self.vectors = vectors
+        self.refine_limit = s.warm_start_refine if refine is None else refine
         self.budget = search.spec.tax.budget
         self.low, self.high = search.space.low, search.space.high
-        ray = self.vectors[0] if self.vectors and s.warm_start_refine else None
+        ray = self.vectors[0] if self.vectors and self.refine_limit else None
         usable = ray is not None and search.spec.mean_ratio is None and \
             usable_ray(ray, self.low, self.high)
         self.ray = ray if usable else None
@@ -114,44 +120,139 @@ class WarmStart:
 
     def enqueue(self, taken: Callable[[str], list]) -> None:
         """Enqueue the vectors not yet taken, after the uniform baseline."""
-        done = [t.user_attrs.get("warm_start") for t in taken("warm")
+        done = [t.user_attrs.get("warm_start") for t in taken(self.kind)
                 if not t.user_attrs.get("refine")]
         for vector in self.vectors:
             if vector in done:
                 done.remove(vector)
                 continue
-            attrs = {"kind": "warm", "warm_start": vector}
+            attrs = {"kind": self.kind, "warm_start": vector}
             scale = scale_on(self.ray, vector) if self.ray else None
             if scale is not None and all(self.low <= v <= self.high for v in vector):
-                attrs["ray_scale"] = scale  # on the ray, and not clipped off it
+                attrs.update(ray_scale=scale, ray=self.kind)  # on the ray, not clipped off
             self.study.enqueue_trial(self.clipped(vector), user_attrs=attrs)
+
+    def on_ray(self) -> list:
+        """This ray's points that count: not failed, and RUNNING only where other workers may
+        run them (the service); a CLI study resumed after a crash has them stale."""
+        live = self.search.live_running
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get("ray_scale") is not None
+                and t.user_attrs.get("ray", "warm") == self.kind and t.state != TrialState.FAIL
+                and (live or t.state != TrialState.RUNNING)]
+
+    @property
+    def done(self) -> bool:
+        return self.ray is None or self._done
 
     def refine(self) -> float | None:
         """Enqueue the next point on the ray when one is due (:func:`next_scale`): one point
-        at a time, after every point on the ray has finished, at most ``warm_start_refine``.
+        at a time, after every point on the ray has finished, at most ``refine_limit``.
         Returns the scale enqueued."""
         ray = self.ray
         if self._done or ray is None or not any(v > 0 for v in ray):
             return None
-        # a RUNNING point is under way only where other workers may run it (the service); a
-        # CLI study resumed after a crash has it stale, and leaves it out
-        live = self.search.live_running
-        on_ray = [t for t in self.study.get_trials(deepcopy=False)
-                  if t.user_attrs.get("ray_scale") is not None and t.state != TrialState.FAIL
-                  and (live or t.state != TrialState.RUNNING)]
-        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
-            return None
-        refined = sum(bool(t.user_attrs.get("refine")) for t in on_ray)
-        measured = {(t.user_attrs["ray_scale"], t.user_attrs["tax"]) for t in on_ray
-                    if "tax" in t.user_attrs}
-        scale = None
-        if refined < self.refine_limit and measured:  # no measured point: they failed
-            scale = next_scale(ray, measured, budget=self.budget, high=self.high)
+        on_ray = self.on_ray()
+        scale = step_on(on_ray, ray, self.refine_limit, self.budget, self.high)
         if scale is None:  # for good: this process stops looking (it reads every trial)
             self._done = True
             return None
+        if scale is PENDING:
+            return None
         vector = [v * scale for v in ray]
         self.study.enqueue_trial(self.clipped(vector), user_attrs={
-            "kind": "warm", "warm_start": vector, "ray_scale": scale, "refine": True})
-        log.info("search %s: warm-start ray refined at scale %.4f", self.search.name, scale)
+            "kind": self.kind, "warm_start": vector, "ray_scale": scale, "ray": self.kind,
+            "refine": True})
+        log.info("search %s: %s ray refined at scale %.4f", self.search.name, self.kind, scale)
         return scale
+
+
+#: :func:`step_on`'s answer while a point on the ray is still under way
+PENDING = -1.0
+
+
+def step_on(on_ray: list, ray: Sequence[float], limit: int, budget: float,
+            high: float) -> float | None:
+    """The next scale on a ray from its trials (``ray_scale`` and ``tax`` attributes):
+    PENDING while one is waiting or running, None when done (``limit`` steps taken, no
+    measured point, or :func:`next_scale` says so)."""
+    if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
+        return PENDING
+    refined = sum(bool(t.user_attrs.get("refine")) for t in on_ray)
+    measured = {(t.user_attrs["ray_scale"], t.user_attrs["tax"]) for t in on_ray
+                if "tax" in t.user_attrs}
+    if refined >= limit or not measured:  # no measured point: they failed
+        return None
+    return next_scale(ray, measured, budget=budget, high=high)
+
+
+class Bisection:
+    """The uniform baseline without a grid: vanilla averaging's tax rises with α, so the
+    largest feasible α is found by secant steps on the budget (:func:`next_scale` on the
+    all-ones ray, θ_base being α 0 at tax 0): α = the upper bound first, then bracketed
+    secants (the bracket halved after two steps from one side: a curved tax), to within
+    0.5 % of the budget or a step under 0.005, at most ``limit`` points.
+    When no α above 0 is feasible, α 0 itself is measured (a feasible baseline)."""
+
+    def __init__(self, search, limit: int) -> None:
+        self.search = search
+        self.study = search.study
+        self.limit = limit
+        self.high = search.space.high
+        self.budget = search.spec.tax.budget
+        self._done = False
+
+    def points(self) -> list:
+        live = self.search.live_running
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get("kind") == "uniform" and t.state != TrialState.FAIL
+                and (live or t.state != TrialState.RUNNING)]
+
+    def _enqueue(self, alpha: float) -> None:
+        self.study.enqueue_trial(self.search.space.uniform_params(alpha), user_attrs={
+            "kind": "uniform", "uniform_ratio": alpha, "ray_scale": alpha, "ray": "uniform"})
+        log.info("search %s: uniform baseline at α %.4f", self.search.name, alpha)
+
+    def _next(self) -> float | None:
+        """The next α (PENDING while a point is under way, None when complete)."""
+        points = self.points()
+        if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in points):
+            return PENDING
+        if not points:
+            return self.high
+        done = sorted((t for t in points if "tax" in t.user_attrs), key=lambda t: t.number)
+        measured = {(t.user_attrs["uniform_ratio"], t.user_attrs["tax"]) for t in done}
+        alpha = None
+        if measured and len(points) < self.limit:
+            alpha = next_scale([1.0], measured, budget=self.budget, high=self.high)
+            sides = [t.user_attrs["tax"] <= self.budget for t in done[-2:]]
+            if alpha is not None and len(sides) == 2 and sides[0] == sides[1]:
+                # two steps from one side (a curved tax): halve the bracket instead
+                lo = max([a for a, tax in measured if tax <= self.budget] + [0.0])
+                hi = min((a for a, tax in measured if tax > self.budget and a > lo),
+                         default=None)
+                if hi is not None:
+                    alpha = (lo + hi) / 2
+        if alpha is None:
+            feasible = any(a > 0 and tax <= self.budget for a, tax in measured)
+            if not feasible and not any(t.user_attrs["uniform_ratio"] == 0.0 for t in points):
+                return 0.0
+            return None
+        return round(alpha, 6)
+
+    def complete(self) -> bool:
+        """Every point measured and none more due."""
+        return self._done or self._next() is None
+
+    def step(self) -> float | None:
+        """Enqueue the next uniform α when one is due; the α enqueued."""
+        if self._done:
+            return None
+        alpha = self._next()
+        if alpha is None:
+            self._done = True
+            return None
+        if alpha == PENDING:
+            return None
+        self._enqueue(alpha)
+        return alpha

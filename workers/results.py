@@ -131,6 +131,7 @@ class SearchResult:
     finalists: list[dict] = field(default_factory=list)
     flags: list[dict] = field(default_factory=list)
     per_record: dict = field(default_factory=dict, repr=False)
+    gradient: dict | None = None  # the gradient stage's result and cost, when it ran
 
     @property
     def feasible(self) -> bool:
@@ -173,6 +174,8 @@ class SearchResult:
             "n_gain": getattr(self.gain_interval, "n", None),
             "n_holdout_gain": getattr(self.holdout_gain_interval, "n", None),
             "finalists": self.finalists, "flags": self.flags,
+            "found_by": self.best.kind if self.best else None,
+            "stages": stages(self.trials), "gradient": self.gradient,
             "pareto": [t.brief(self.slots) for t in self.pareto],
             "trials": self.counts, "seconds": self.seconds, "base_cached": self.base_cached,
             "version": __version__,
@@ -180,6 +183,20 @@ class SearchResult:
         if per_record:
             out["per_record"] = self.per_record
         return out
+
+
+def stages(records: Sequence[TrialRecord]) -> dict[str, dict]:
+    """Per stage (trial kind: uniform, warm, gradient, search): evaluations spent (trials,
+    complete and pruned), and its best feasible reward."""
+    out: dict[str, dict] = {}
+    for r in records:
+        s = out.setdefault(r.kind, {"evaluations": 0, "pruned": 0, "best_reward": None})
+        s["evaluations"] += 1
+        s["pruned"] += r.stage == 1
+        if r.feasible and r.reward is not None and (s["best_reward"] is None
+                                                    or r.reward > s["best_reward"]):
+            s["best_reward"] = r.reward
+    return out
 
 
 def _interval(iv) -> list[float] | None:

@@ -59,7 +59,7 @@ from service.stats import upper_bound
 from workers.answer import choose, part_dict
 from workers.job import load_job, measure_base
 from workers.ratios import RatioSpace
-from workers.ray import WarmStart
+from workers.stages import Stages
 from workers.results import (RATIO_CONVENTION, SearchResult, TrialRecord, best_of, jsonable,
                              pareto_of, summary)
 from workers.study import (STUDY_PREFIX, fail_stale_trials, make_sampler, open_storage,
@@ -148,9 +148,10 @@ class Search:
             raise SpecError(f"cannot open the Optuna storage {self.storage_url}: {exc}",
                             field="storage") from exc
         self.study_id = self.storage.get_study_id_from_name(self.name)
+        baseline = self.grid if spec.baseline_mode() == "grid" else "bisection"
         job = {"version": __version__, "spec": spec.model_dump(mode="json"),
                "slots": self.slots, "budget": spec.tax.budget, "mode": spec.mode,
-               "uniform_grid": self.grid, "ratio_convention": RATIO_CONVENTION}
+               "uniform_grid": baseline, "ratio_convention": RATIO_CONVENTION}
         stored = self.study.user_attrs.get("hmaopt")
         if stored is not None:
             changed = [k for k in ("slots", "budget", "mode", "uniform_grid")
@@ -161,13 +162,12 @@ class Search:
         self.study.set_user_attr("hmaopt", job)
         #: this process's search-data measurements by trial number (per-record values)
         self.measured: dict[int, object] = {}
-        self.warm = WarmStart(self)
-        self.enqueue_baseline()
-        self.warm.enqueue(self._taken)
+        self.stages = Stages(self)
+        self.stages.enqueue_initial()
 
     # ------------------------------------------------------------------ setup
 
-    def _taken(self, kind: str) -> list[optuna.trial.FrozenTrial]:
+    def taken(self, kind: str) -> list[optuna.trial.FrozenTrial]:
         """Trials of ``kind`` done or waiting; in a shared study running ones too (the trials
         of dead workers have been failed)."""
         states = _TAKEN + (TrialState.WAITING,) if self.live_running else \
@@ -175,19 +175,10 @@ class Search:
         return [t for t in self.study.get_trials(deepcopy=False, states=states)
                 if t.user_attrs.get("kind") == kind]
 
-    def enqueue_baseline(self) -> None:
-        """Enqueue the grid points not yet taken (an interrupted or failed one runs again).
-        Where workers share the study, call it under the job's "setup" lock."""
-        done = {t.user_attrs.get("uniform_ratio") for t in self._taken("uniform")}
-        for alpha in self.grid:
-            if alpha not in done:
-                self.study.enqueue_trial(self.space.uniform_params(alpha),
-                                         user_attrs={"kind": "uniform", "uniform_ratio": alpha})
-
     def refine_warm_start(self) -> float | None:
         """Enqueue the next point on the warm-start ray when one is due (workers/ray.py);
         called before each ask, under the ask lock. Returns the scale enqueued."""
-        return self.warm.refine()
+        return self.stages.warm.refine()
 
     # ------------------------------------------------------------------ the driver
 
@@ -202,7 +193,9 @@ class Search:
         states = _TAKEN if self.live_running else _FINISHED
         if self.storage.get_n_trials(self.study_id, states) >= self.spec.search.n_trials:
             return None
-        self.refine_warm_start()
+        self.stages.before_ask()
+        if self.stages.exhausted():  # strategy gradient: its stages have run
+            return None
         trial = self.study.ask()
         if worker is not None:
             trial.set_user_attr("worker", worker)
@@ -219,7 +212,7 @@ class Search:
                         self.name, t.number, t.user_attrs.get("worker"))
         if any(t.user_attrs.get("kind") == "uniform" for t in failed):
             with hooks.lock("setup"):
-                self.enqueue_baseline()
+                self.stages.requeue_baseline()
         return bool(failed) or left > 0
 
     def run(self, hooks: TrialHooks | None = None, **hook_fields) -> None:
@@ -229,6 +222,10 @@ class Search:
         when none are given (``should_stop=``, ``on_trial=``...)."""
         hooks = hooks or TrialHooks(**hook_fields)
         while not hooks.should_stop():
+            if self.stages.gradient_due():
+                with hooks.lock("gradient"):
+                    self.stages.run_gradient(hooks.on_batch)
+                continue
             with hooks.lock("ask"):
                 trial = self.claim(hooks.worker)
             if trial is None:
@@ -250,7 +247,7 @@ class Search:
     def run_trial(self, on_batch=None, trial=None) -> TrialRecord:
         """Merge, evaluate, tell one trial (claimed here unless an asked ``trial`` is given)."""
         if trial is None:
-            self.refine_warm_start()
+            self.stages.before_ask()
             trial = self.study.ask()
         kind = trial.user_attrs.get("kind", "search")
         spec = self.spec
@@ -343,7 +340,7 @@ class Search:
             best_validation=answer.best_validation, uniform_validation=answer.uniform_validation,
             gain_interval=answer.gain, holdout_gain_interval=answer.holdout_gain,
             chosen_by=answer.chosen_by, finalists=answer.finalists, flags=answer.flags,
-            per_record=answer.per_record)
+            per_record=answer.per_record, gradient=self.study.user_attrs.get("gradient"))
         self.study.set_user_attr("result", jsonable(result.to_dict()))
         return result
 

@@ -72,8 +72,7 @@ def print_error(exc: HmaoptError) -> None:
 
 
 def read_spec_for_submit(path: str, server_paths: bool) -> dict:
-    spec = load_spec(path, resolve=not server_paths)
-    spec.check()
+    spec = load_spec(path, resolve=not server_paths)  # validated, cross-field checks too
     return spec.model_dump(mode="json", exclude_unset=False)
 
 

@@ -356,3 +356,33 @@ def test_hooks_stop_between_trials_and_see_a_failing_trial(tiny):
     calls = []
     s.run(TrialHooks(should_stop=lambda: calls.append(1) or len(calls) > 2))
     assert s.finished() == 2 and len(calls) == 3
+
+
+# ------------------------------------------------------------------ the baseline by bisection
+
+@pytest.mark.parametrize("tax_of,boundary", [
+    (lambda a: 0.3 * a * a, (0.1 / 0.3) ** 0.5),   # convex
+    (lambda a: 0.25 * a ** 0.5, 0.16),             # concave
+    (lambda a: 0.05 * a, None),                    # feasible everywhere: α 1 at once
+])
+def test_bisection_finds_the_largest_feasible_alpha_in_few_evaluations(tiny, tax_of, boundary):
+    spec = {**tiny, "tax": {**tiny["tax"], "budget": 0.1},
+            "search": {**tiny["search"], "uniform_grid": None, "n_trials": 12}}
+    s = _search(spec)
+    assert s.spec.baseline_mode() == "bisection"
+    measured = []
+    while not s.stages.baseline_complete():
+        trial = s.claim()
+        alpha = trial.user_attrs["uniform_ratio"]
+        assert trial.user_attrs["kind"] == "uniform"
+        s.space.suggest(trial)
+        trial.set_user_attr("tax", tax_of(alpha))
+        s.study.tell(trial, 0.0)
+        measured.append(alpha)
+    assert len(measured) <= 6, measured
+    best = max(a for a in measured if tax_of(a) <= 0.1)
+    if boundary is None:
+        assert measured == [1.0]
+    else:
+        # as close as a 0.1 grid at least: within 0.05 of the boundary, never over it
+        assert boundary - 0.05 <= best <= boundary, measured

@@ -30,6 +30,38 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per pair: the context with the tokenizer's special
+    tokens (BOS/EOS alone when empty, so the first token is scored too), the continuation
+    without, as lm-evaluation-harness does."""
+    pad = _pad_id(tokenizer)
+    encoded = []
+    for context, continuation in pairs:
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not ctx:
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad]
+        encoded.append((ctx, cont))
+    return encoded
+
+
+def batch_logprobs(model: torch.nn.Module, tokenizer,
+                   batch: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Log-probabilities (float32, batch x width x vocab) of one right-padded batch of
+    encoded pairs; differentiable unless called under inference mode."""
+    pad = _pad_id(tokenizer)
+    seqs = [ctx + cont for ctx, cont in batch]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    device = _device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model: torch.nn.Module,
@@ -40,29 +72,13 @@ def continuation_logprobs(
     on_batch: BatchHook = None,
 ) -> list[tuple[float, int]]:
     """(sum log p(continuation | context), number of continuation tokens) per pair."""
-    device = _device(model)
-    pad = _pad_id(tokenizer)
-    encoded = []
-    for context, continuation in pairs:
-        ctx = tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not ctx:  # score the first token too: condition on BOS/EOS when there is no context
-            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad]
-        encoded.append((ctx, cont))
+    encoded = encode_pairs(tokenizer, pairs)
     results: list[tuple[float, int]] = []
     for start in range(0, len(encoded), batch_size):
         if on_batch is not None:
             on_batch()
         batch = encoded[start:start + batch_size]
-        seqs = [ctx + cont for ctx, cont in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logprobs = batch_logprobs(model, tokenizer, batch).cpu()
         for i, (ctx, cont) in enumerate(batch):
             if not cont:
                 results.append((0.0, 0))
