@@ -233,6 +233,9 @@ class SearchSpec(BaseModel):
                                 "gradient stage")
     gradient_refine: RefineSteps = Field(3, description="trials on the gradient result's ray "
                                          "toward the budget")
+    walk_steps: RefineSteps = Field(2, description="whenever a sampler trial becomes the best "
+                                    "feasible one, up to this many trials on its ray toward "
+                                    "the budget (kind 'walk'); 0: none")
 
     warm_start: list[dict[str, float]] | None = Field(
         None, max_length=100,

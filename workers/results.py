@@ -41,7 +41,7 @@ class TrialRecord:
     @classmethod
     def from_attrs(cls, number: int, a: dict) -> TrialRecord | None:
         """The record of a trial's user attributes; None for a trial without figures."""
-        if "tax" not in a:
+        if "tax" not in a or "ratios" not in a:
             return None
         return cls(number, a.get("kind", "search"), list(a["ratios"].values()), a.get("reward"),
                    a["tax"], bool(a.get("feasible")), int(a.get("stage", 2)),

@@ -10,6 +10,11 @@
    (seconds, evaluation equivalents) are stored in the study's ``gradient`` attribute, so a
    resumed or shared study runs it once.
 
+4. The walk to the budget (``walk_steps``, kind 'walk'): whenever a sampler trial becomes
+   the best feasible one, up to ``walk_steps`` true evaluations along its ray (its ratios
+   times a scale) to where the tax meets the budget, since the best reward usually sits
+   there and a sampler seldom lands on it.
+
 With ``strategy: gradient`` the search ends when these stages have nothing more to run;
 otherwise the sampler proposes the remaining trials.
 """
@@ -22,7 +27,8 @@ import statistics
 from optuna.trial import TrialState
 
 from workers.gradient import learn_ratios
-from workers.ray import Bisection, WarmStart
+from workers.ray import Bisection, WarmStart, next_scale, usable_ray
+from workers.results import best_of
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ class Stages:
                           if self.spec.baseline_mode() == "bisection" else None)
         self.warm = WarmStart(search)
         self.gradient: WarmStart | None = None
+        self.walk = Walk(search)
 
     @property
     def strategy(self) -> str:
@@ -71,6 +78,7 @@ class Stages:
         self.warm.refine()
         if self.gradient is not None:
             self.gradient.refine()
+        self.walk.step()
 
     def baseline_complete(self) -> bool:
         if self.bisection is not None:
@@ -127,3 +135,44 @@ class Stages:
         self.gradient = WarmStart(self.search, [list(stored["ratios"])],
                                   refine=self.spec.search.gradient_refine, kind="gradient")
         self.gradient.enqueue(self.search.taken)
+
+
+class Walk:
+    """Steps along the ray of the best feasible sampler trial toward the budget."""
+
+    def __init__(self, search) -> None:
+        self.search = search
+        self.limit = search.spec.search.walk_steps
+        self.budget = search.spec.tax.budget
+        self.low, self.high = search.space.low, search.space.high
+
+    def step(self) -> float | None:
+        """Enqueue the next point on the best sampler trial's ray when one is due; its scale."""
+        search = self.search
+        if not self.limit or search.spec.mean_ratio is not None:
+            return None
+        best = best_of(search.records(), "search")
+        if best is None or not usable_ray(best.ratios, self.low, self.high) \
+                or not any(v > 0 for v in best.ratios):
+            return None
+        key = f"walk:{best.number}"
+        live = search.live_running
+        points = [t for t in search.study.get_trials(deepcopy=False)
+                  if t.user_attrs.get("ray") == key and t.state != TrialState.FAIL
+                  and (live or t.state != TrialState.RUNNING)]
+        if len(points) >= self.limit or any(
+                t.state in (TrialState.WAITING, TrialState.RUNNING) for t in points):
+            return None
+        measured = {(1.0, best.tax)} | {(t.user_attrs["ray_scale"], t.user_attrs["tax"])
+                                        for t in points if "tax" in t.user_attrs}
+        scale = next_scale(best.ratios, measured, budget=self.budget, high=self.high)
+        if scale is None:
+            return None
+        vector = [v * scale for v in best.ratios]
+        params = dict(zip(search.space.param_names(),
+                          [min(max(v, self.low), self.high) for v in vector]))
+        search.study.enqueue_trial(params, user_attrs={
+            "kind": "walk", "ray": key, "ray_scale": scale, "walk_from": best.number})
+        log.info("search %s: walk from trial %d at scale %.4f", search.name, best.number,
+                 scale)
+        return scale

@@ -112,8 +112,10 @@ class JobList(BaseModel):
 
 class TrialPublic(BaseModel):
     number: int
-    kind: str = Field(description="uniform (the vanilla-averaging baseline), warm (a "
-                      "search.warm_start vector) or search")
+    kind: str = Field(description="the stage that ran it: uniform (the vanilla-averaging "
+                      "baseline), warm (a search.warm_start vector), gradient (the gradient "
+                      "stage's ray), search (the sampler) or walk (the best sampler trial's "
+                      "ray to the budget)")
     state: TrialStatus = Field(description="complete or pruned (stopped after stage 1)")
     ratios: dict[str, float] = Field(description=RATIOS)
     reward: float | None

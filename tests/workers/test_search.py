@@ -79,7 +79,7 @@ def test_pruning_records_partial_figures(tiny):
     pruned = [t for t in s.study.get_trials() if t.state == TrialState.PRUNED]
     assert pruned, "with budget 0 and margin 0 some trial must be pruned after stage 1"
     for t in pruned:
-        assert t.user_attrs["kind"] == "search"  # the baseline is never pruned
+        assert t.user_attrs["kind"] in ("search", "walk")  # the baseline is never pruned
         assert t.user_attrs["stage"] == 1 and t.user_attrs["reward"] is None
         assert t.user_attrs["tax"] > 0 and t.user_attrs["metrics"]
         assert not t.user_attrs["feasible"]
@@ -386,3 +386,35 @@ def test_bisection_finds_the_largest_feasible_alpha_in_few_evaluations(tiny, tax
     else:
         # as close as a 0.1 grid at least: within 0.05 of the boundary, never over it
         assert boundary - 0.05 <= best <= boundary, measured
+
+
+def test_a_new_best_sampler_trial_is_walked_along_its_ray_to_the_budget(tiny):
+    spec = {**tiny, "tax": {**tiny["tax"], "budget": 0.1},
+            "search": {**tiny["search"], "n_trials": 12, "walk_steps": 2}}
+    s = _search(spec)
+
+    def tell(trial, tax, reward=0.0):
+        ratios = s.space.suggest(trial)
+        for key, value in {"tax": tax, "reward": reward, "feasible": tax <= 0.1,
+                           "ratios": dict(zip(s.slots, ratios)), "stage": 2}.items():
+            trial.set_user_attr(key, value)
+        s.study.tell(trial, reward)
+        return ratios
+
+    for _ in s.grid:
+        tell(s.claim(), 0.2, -1.0)  # the uniform points, all over the budget
+    s.study.enqueue_trial({"ratio_0": 0.4, "ratio_1": 0.3})  # as a sampler would propose
+    best = s.claim()
+    ratios = tell(best, 0.04, 1.0)  # the sampler's first trial: the best feasible one
+    first = s.claim()
+    assert first.user_attrs["kind"] == "walk" and first.user_attrs["walk_from"] == best.number
+    scale = first.user_attrs["ray_scale"]
+    cap = min(1.0 / v for v in ratios if v > 0)
+    assert scale == pytest.approx(min(cap, 0.1 / 0.04))  # from the base's (0, 0) through it
+    walked = tell(first, 0.12, 1.5)  # over: the next step is the secant inside the bracket
+    assert walked == pytest.approx([min(1.0, v * scale) for v in ratios])
+    second = s.claim()
+    assert second.user_attrs["kind"] == "walk"
+    assert 1.0 < second.user_attrs["ray_scale"] < scale
+    tell(second, 0.099, 1.2)
+    assert s.claim().user_attrs.get("kind", "search") == "search"  # walk_steps 2: done
