@@ -62,7 +62,8 @@ def floor(argv: list[str]) -> int:
         os.fsync(f.fileno())
     t3 = time.perf_counter()
     args.out.unlink()
-    print(json.dumps({"read": t1 - t0, "write": t2 - t1, "fsync": t3 - t2, "seconds": t3 - t0}))
+    print(json.dumps({"read": t1 - t0, "write": t2 - t1, "fsync": t3 - t2, "seconds": t3 - t0,
+                      "cpu": time.process_time()}))
     return 0
 
 
