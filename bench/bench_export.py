@@ -31,7 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_model, human_bytes, llama_param_count, machine_info, table, write_json
+from _common import (
+    cpu_model,
+    human_bytes,
+    llama_param_count,
+    machine_info,
+    table,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,10 +83,9 @@ def build(argv: list[str]) -> int:
     ap.add_argument("--shard-bytes", type=int, required=True)
     args = ap.parse_args(argv)
     import torch
+    from _common import llama_config
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-
-    from _common import llama_config
 
     config = llama_config(**json.loads(args.shape))
     config.dtype = "bfloat16"
@@ -120,7 +126,7 @@ def build(argv: list[str]) -> int:
 
 
 def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"{' '.join(cmd[:5])} ... failed with exit code {proc.returncode}")
