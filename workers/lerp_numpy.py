@@ -21,6 +21,7 @@ from workers.dtypes import DTYPE_SIZES, FLOAT_DTYPES
 SUB = 1 << 15  # elements per step (the step's buffers fit the L2 cache)
 _NUMERIC = {"F32", "F16", "BF16"}
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+subtract, multiply, add, copyto = np.subtract, np.multiply, np.add, np.copyto
 
 
 def supported(src: str, out: str) -> bool:
@@ -39,7 +40,6 @@ class Scratch:
         self.d = np.empty(SUB, np.float32)
         self.d64 = np.empty(SUB, np.float64)
         self.t64 = np.empty(SUB, np.float64)
-        self.r = np.empty(SUB, np.float32)
         self.u = np.empty(SUB, np.uint32)
 
 
@@ -65,15 +65,19 @@ def lerp_into(base: bytearray, aligned: bytearray, out_buf: bytearray, n: int, s
     with np.errstate(all="ignore"):
         for i in range(0, n, SUB):
             k = min(SUB, n - i)
-            fb, fa = _as_f32(b[i:i + k], src, s.fb[:k]), _as_f32(a[i:i + k], src, s.fa[:k])
-            d, d64, t64, r = s.d[:k], s.d64[:k], s.t64[:k], s.r[:k]
-            np.subtract(fa, fb, out=d)  # torch: end - start, in float32
-            np.copyto(d64, d)
-            np.multiply(d64, coef, out=d64)  # exact: float32 x float32 fits float64
-            np.copyto(t64, fb if small else fa)
-            np.add(d64, t64, out=d64)
-            np.copyto(r, d64, casting="same_kind")  # the fma's one rounding to float32
-            _store(r, res[i:i + k], out, s.u[:k])
+            if k == SUB:  # the scratch arrays whole: no slicing per step
+                fb, fa, d, d64, t64, u = s.fb, s.fa, s.d, s.d64, s.t64, s.u
+            else:
+                fb, fa, d, d64, t64, u = (s.fb[:k], s.fa[:k], s.d[:k], s.d64[:k], s.t64[:k],
+                                          s.u[:k])
+            fb, fa = _as_f32(b[i:i + k], src, fb), _as_f32(a[i:i + k], src, fa)
+            subtract(fa, fb, out=d)  # torch: end - start, in float32
+            copyto(d64, d)
+            multiply(d64, coef, out=d64)  # exact: float32 x float32 fits float64
+            copyto(t64, fb if small else fa)
+            add(d64, t64, out=d64)
+            copyto(d, d64, casting="same_kind")  # the fma's one rounding to float32
+            _store(d, res[i:i + k], out, u)
     return memoryview(out_buf)[: n * DTYPE_SIZES[out]]
 
 
