@@ -6,6 +6,17 @@ from __future__ import annotations
 from enum import StrEnum
 
 
+class _InGroup:
+    """A read-only bool attribute of an enum member: whether it is in the module-level set
+    named ``group`` (defined after the class). A descriptor, so Enum leaves it a non-member."""
+
+    def __init__(self, group: str, doc: str) -> None:
+        self.group, self.__doc__ = group, doc
+
+    def __get__(self, member, owner=None):
+        return self if member is None else member in globals()[self.group]
+
+
 class JobStatus(StrEnum):
     """Life of a job: queued -> running -> succeeded | failed | cancelled.
 
@@ -18,9 +29,7 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
+    terminal = _InGroup("TERMINAL", "Nothing more happens to a job in this status.")
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
@@ -64,15 +73,9 @@ class PipelineRunStatus(StrEnum):
     SKIPPED = "skipped"
     FAILED = "failed"
 
-    @property
-    def done(self) -> bool:
-        """Nothing more happens to a run in this status."""
-        return self in RUN_DONE
-
-    @property
-    def transient(self) -> bool:
-        """A scheduler holds this status only while it works on the run."""
-        return self in RUN_TRANSIENT
+    done = _InGroup("RUN_DONE", "Nothing more happens to a run in this status.")
+    transient = _InGroup("RUN_TRANSIENT",
+                         "A scheduler holds this status only while it works on the run.")
 
 
 #: run statuses after which nothing more happens to a run
@@ -96,10 +99,8 @@ class ExportStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
-    @property
-    def active(self) -> bool:
-        """An export in this status is under way (a second one is refused)."""
-        return self in EXPORT_ACTIVE
+    active = _InGroup("EXPORT_ACTIVE",
+                      "An export in this status is under way (a second one is refused).")
 
 
 #: export statuses of an export under way
@@ -115,9 +116,7 @@ class WorkerState(StrEnum):
     STOPPED = "stopped"
     DEAD = "dead"
 
-    @property
-    def alive(self) -> bool:
-        return self in WORKER_ALIVE
+    alive = _InGroup("WORKER_ALIVE", "A worker in this state claims to be alive.")
 
 
 #: worker states of a process that claims to be alive

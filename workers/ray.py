@@ -169,6 +169,8 @@ class WarmStart:
 
 #: :func:`step_on`'s answer while a point on the ray is still under way
 PENDING = -1.0
+#: most points the bisection baseline measures
+BISECTION_POINTS = 6
 
 
 def step_on(on_ray: list, ray: Sequence[float], limit: int, budget: float,
@@ -194,7 +196,7 @@ class Bisection:
     0.5 % of the budget or a step under 0.005, at most ``limit`` points.
     When no α above 0 is feasible, α 0 itself is measured (a feasible baseline)."""
 
-    def __init__(self, search, limit: int) -> None:
+    def __init__(self, search, limit: int = BISECTION_POINTS) -> None:
         self.search = search
         self.study = search.study
         self.limit = limit
@@ -208,7 +210,7 @@ class Bisection:
                 if t.user_attrs.get("kind") == "uniform" and t.state != TrialState.FAIL
                 and (live or t.state != TrialState.RUNNING)]
 
-    def _enqueue(self, alpha: float) -> None:
+    def _add_point(self, alpha: float) -> None:
         self.study.enqueue_trial(self.search.space.uniform_params(alpha), user_attrs={
             "kind": "uniform", "uniform_ratio": alpha, "ray_scale": alpha, "ray": "uniform"})
         log.info("search %s: uniform baseline at α %.4f", self.search.name, alpha)
@@ -254,5 +256,5 @@ class Bisection:
             return None
         if alpha == PENDING:
             return None
-        self._enqueue(alpha)
+        self._add_point(alpha)
         return alpha

@@ -32,17 +32,16 @@ from workers.results import best_of
 
 log = logging.getLogger(__name__)
 
-#: most points the bisection baseline measures
-BISECTION_POINTS = 6
-
 
 class Stages:
+    """A search's stages: what each enqueues, and when the gradient stage is due."""
+
     def __init__(self, search) -> None:
         self.search = search
         self.spec = search.spec
         self.study = search.study
-        self.bisection = (Bisection(search, BISECTION_POINTS)
-                          if self.spec.baseline_mode() == "bisection" else None)
+        self.bisection = (Bisection(search) if self.spec.baseline_mode() == "bisection"
+                          else None)
         self.warm = WarmStart(search)
         self.gradient: WarmStart | None = None
         self.walk = Walk(search)

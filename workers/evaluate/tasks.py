@@ -1,9 +1,10 @@
 """Metrics of one model on one data set: the tax tasks and the reward types.
 
 Each tax metric has a direction; :func:`relative_degradation` turns a value and the base
-model's value into the task's tax (positive = worse than the base model). The ``*_stats``
-functions return a metric's sufficient statistics (total, count), which add up across
-slices of a data set (staged evaluation); :func:`finish_metric` turns them into the metric.
+model's value into the task's tax (positive = worse than the base model). The ``*_records``
+functions return a metric's per-record values, whose sums are its sufficient statistics
+(total, count) and add up across slices of a data set (staged evaluation);
+:func:`finish_metric` turns them into the metric.
 
 Behind each figure are per-record values (:class:`PerRecord`: a total and a count per
 record, e.g. correct 0/1 of 1 item, or the NLL of a text over its tokens; the ``*_records``
@@ -107,18 +108,11 @@ def multiple_choice_records(model, tokenizer, records: Sequence[dict], *, batch_
     return PerRecord(correct, [1.0] * len(records))
 
 
-def multiple_choice_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
-                          on_batch: BatchHook = None) -> tuple[float, float]:
-    """(records whose answer has the highest log-likelihood among its choices, records)."""
-    return multiple_choice_records(model, tokenizer, records, batch_size=batch_size,
-                                   on_batch=on_batch).sums()
-
-
 def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
                              on_batch: BatchHook = None) -> float:
     """Share of records whose answer has the highest log-likelihood among its choices."""
-    return finish_metric("multiple_choice", *multiple_choice_stats(
-        model, tokenizer, records, batch_size=batch_size, on_batch=on_batch))
+    return finish_metric("multiple_choice", *multiple_choice_records(
+        model, tokenizer, records, batch_size=batch_size, on_batch=on_batch).sums())
 
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]+$|^[{re.escape(string.punctuation)}]+")
@@ -141,19 +135,12 @@ def exact_match_records(model, tokenizer, records: Sequence[dict], *, max_new_to
     return PerRecord(hits, [1.0] * len(records))
 
 
-def exact_match_stats(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
-                      batch_size: int = 16, on_batch: BatchHook = None) -> tuple[float, float]:
-    """(greedy completions equal to the answer after :func:`normalize_answer`, records)."""
-    return exact_match_records(model, tokenizer, records, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, on_batch=on_batch).sums()
-
-
 def exact_match_accuracy(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
                          batch_size: int = 16, on_batch: BatchHook = None) -> float:
     """Share of greedy completions equal to the answer after :func:`normalize_answer`."""
-    return finish_metric("exact_match", *exact_match_stats(
+    return finish_metric("exact_match", *exact_match_records(
         model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        on_batch=on_batch))
+        on_batch=on_batch).sums())
 
 
 def perplexity_records(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
@@ -164,18 +151,11 @@ def perplexity_records(model, tokenizer, records: Sequence[dict], *, batch_size:
     return PerRecord([-s for s, _ in scores], [float(n) for _, n in scores])
 
 
-def perplexity_stats(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
-                     on_batch: BatchHook = None) -> tuple[float, float]:
-    """(total negative log-likelihood, total tokens) of the texts."""
-    return perplexity_records(model, tokenizer, records, batch_size=batch_size,
-                              on_batch=on_batch).sums()
-
-
 def perplexity(model, tokenizer, records: Sequence[dict], *, batch_size: int = 16,
                on_batch: BatchHook = None) -> float:
     """exp(total negative log-likelihood / total tokens) over the texts."""
-    return finish_metric("perplexity", *perplexity_stats(
-        model, tokenizer, records, batch_size=batch_size, on_batch=on_batch))
+    return finish_metric("perplexity", *perplexity_records(
+        model, tokenizer, records, batch_size=batch_size, on_batch=on_batch).sums())
 
 
 def finish_metric(task_type: str, total: float, count: float) -> float:
