@@ -127,10 +127,10 @@ def make_data(seed: int) -> WorldData:
     held_out = set(texts)
 
     pretrain: list[str] = []
-    pretrain += [f"{a}+{b}={a + b}" for a, b in sums]  # a pretrained skill: every sum
-    pretrain += [f"{n} is {c}." for n, c in facts.items()] * 6
+    pretrain += [f"{a}+{b}={a + b}" for a, b in sums] * 2  # a pretrained skill: every sum
+    pretrain += [f"{n} is {c}." for n, c in facts.items()] * 5
     pretrain += [s for s in (sentence(rng) for _ in range(1500)) if s not in held_out]
-    for _ in range(1200):
+    for _ in range(800):
         q, a = question(rng, facts)
         pretrain.append(q + a)
 
