@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from service.errors import HmaoptError
 from service.spec import load_spec
+from service.status import JobStatus, TrialStatus
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -91,7 +92,7 @@ def follow_job(client, job: dict, *, progress: bool) -> dict:
                 bar.set_postfix_str("none feasible" if best is None else
                                     f"best {best:.4g} @ tax {data['best_tax']:.3f}", refresh=True)
             else:
-                reward = ("pruned" if data["state"] == "pruned" else
+                reward = ("pruned" if data["state"] == TrialStatus.PRUNED else
                           f"reward {data['reward']:.4g}")
                 print(f"trial {data['number']:>3} {data['kind']:<7} {reward:<14} tax "
                       f"{data['tax']:.4f}  ({data['trials_finished']}/{data['n_trials']})",
@@ -112,10 +113,10 @@ def follow_job(client, job: dict, *, progress: bool) -> dict:
 
 def report(job: dict) -> int:
     """Print a finished job; the exit code of submit --wait."""
-    if job["status"] == "succeeded" and job.get("result"):
+    if job["status"] == JobStatus.SUCCEEDED and job.get("result"):
         print(format_summary(job["result"]))
         return 0 if job["result"]["feasible"] else 2
-    if job["status"] == "failed":
+    if job["status"] == JobStatus.FAILED:
         print(f"job {job['id']} failed: {job['error']}", file=sys.stderr)
     else:
         print(f"job {job['id']} ended {job['status']}", file=sys.stderr)

@@ -18,6 +18,7 @@ from service.cli.helpers import (add_command, add_group, add_progress_flag, foll
 from service.client import Client
 from service.errors import DependencyUnavailableError, HmaoptError, SpecError
 from service.settings import get_settings
+from service.status import PipelineRunStatus
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -158,14 +159,14 @@ def pipeline_trigger_command(args: argparse.Namespace) -> int:
         return 0
     run = _wait_for_scheduler(
         lambda: client.request("GET", f"/v1/pipelines/{args.name}/runs/{run['id']}"),
-        lambda r: r["status"] in ("succeeded", "skipped", "failed"), first=run,
+        lambda r: PipelineRunStatus(r["status"]).done, first=run,
         timeout=args.timeout, every=2,
         late=lambda r: f"run {r['id']} still {r['status']} after {args.timeout:.0f} s (is a "
         "scheduler running? `hmaopt scheduler`, or the embedded `hmaopt serve`)")
     print(_run_line(run))
-    if run["status"] == "failed":
+    if run["status"] == PipelineRunStatus.FAILED:
         return 1
-    if run["status"] == "skipped" or run["reward"] is None:
+    if run["status"] == PipelineRunStatus.SKIPPED or run["reward"] is None:
         return 2
     print("promoted: " + (run["promoted_dir"] if run["decision"] == "promoted" else
                           f"no ({run['reason']})"))
