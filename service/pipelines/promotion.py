@@ -163,7 +163,8 @@ def remeasure_champion(settings: Settings, s, p: Pipeline, run: PipelineRun,
     spec.update(name=f"{p.name}-champion-{champion.id[:8]}-on-{run.id[:8]}",
                 aligned_model=champion.promoted_dir, export=None,
                 search={**spec["search"], "uniform_grid": [1.0], "n_trials": 2,
-                        "warm_start": None, "workers": 1})
+                        "warm_start": None, "workers": 1, "baseline": "grid",
+                        "strategy": "optuna", "walk_steps": 0})
     resolved = resolve_job_paths(JobSpec.model_validate(spec), settings)
     row, _ = job_db.create_job(s, resolved.model_dump(mode="json"), n_trials=2,
                                submitted_by=f"pipeline:{p.name}")

@@ -168,7 +168,8 @@ def apply_warm_start(job: dict, ratios: dict[str, float], uniform: float | None,
     """A job-spec dict warm started from an earlier search's best: ``ratios`` times each of
     ``scales`` run first after the uniform baseline (``search.warm_start``), then up to
     ``refine`` trials on their ray toward the budget (``search.warm_start_refine``); the
-    earlier best uniform α joins the grid when missing."""
+    earlier best uniform α joins a grid baseline when missing (a bisection baseline finds
+    the new one by itself)."""
     job = {**job, "search": dict(job.get("search") or {})}
     search = job["search"]
     vectors = []
@@ -178,8 +179,9 @@ def apply_warm_start(job: dict, ratios: dict[str, float], uniform: float | None,
             vectors.append(v)
     search["warm_start"] = vectors + (search.get("warm_start") or [])
     search["warm_start_refine"] = refine
-    if uniform is not None:
-        grid = JobSpec.model_validate(job).uniform_grid()
+    spec = JobSpec.model_validate(job)
+    if uniform is not None and spec.baseline_mode() == "grid":  # bisection finds its own
+        grid = spec.uniform_grid()
         if uniform not in grid:
             search["uniform_grid"] = sorted(grid + [uniform])
     return job
