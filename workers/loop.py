@@ -30,7 +30,7 @@ from service.status import ExportStatus, JobStatus
 from workers.process import WorkerProcess, current_worker
 from workers.recovery import recover_dead_workers
 from workers.results import TrialRecord, jsonable
-from workers.search import (Search, TrialHooks, load_job, measure_base, open_storage,
+from workers.search import (Search, TrialHooks, load_job, measure_base, storage_at,
                             study_name)
 
 __all__ = ["JobCancelled", "JobRun", "WorkerLost", "WorkerProcess", "WorkerStopping",
@@ -196,7 +196,7 @@ class JobRun:
         # opening the storage may create Optuna's tables: one process at a time
         with self.conn.lock(queue.Keys.lock("all", "optuna-schema"), timeout=60,
                             blocking_timeout=120):
-            storage = open_storage(self.url)
+            storage = storage_at(self.url)
         with self.lock("setup"):
             search = Search(spec, merger, evaluator, storage=storage,
                             name=study_name(self.job_id), resume=True, live_running=True)

@@ -62,12 +62,12 @@ from workers.ratios import RatioSpace
 from workers.stages import Stages
 from workers.results import (RATIO_CONVENTION, SearchResult, TrialRecord, best_of, jsonable,
                              pareto_of, summary)
-from workers.study import (STUDY_PREFIX, fail_stale_trials, make_sampler, open_storage,
+from workers.study import (STUDY_PREFIX, fail_stale_trials, make_sampler, storage_at,
                            study_name)
 
 __all__ = ["STUDY_PREFIX", "Search", "SearchResult", "TrialHooks", "TrialRecord",
            "fail_stale_trials", "jsonable", "load_job", "make_sampler", "measure_base",
-           "open_storage", "run_search", "study_name"]
+           "storage_at", "run_search", "study_name"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class TrialHooks:
 class Search:
     """A job's study with its live merger and evaluator; :meth:`run` drives the trials.
 
-    ``storage``: None (in memory), a database URL, or an RDBStorage (:func:`open_storage`).
+    ``storage``: None (in memory), a database URL, or an RDBStorage (:func:`storage_at`).
     ``live_running``: the study is shared by live workers (the service), so a RUNNING trial
     is someone's work in hand, not the leftover of a crashed process.
     """
@@ -134,7 +134,7 @@ class Search:
             if storage is None:
                 self.storage, names = optuna.storages.InMemoryStorage(), set()
             else:
-                self.storage = open_storage(storage) if isinstance(storage, str) else storage
+                self.storage = storage_at(storage) if isinstance(storage, str) else storage
                 names = set(optuna.get_all_study_names(self.storage))
             if self.name in names and not resume:
                 raise ConflictError(f"study {self.name!r} already exists in "

@@ -26,7 +26,7 @@ def study_name(key: str) -> str:
     return f"{STUDY_PREFIX}:{key}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def storage_at(url: str) -> optuna.storages.RDBStorage:
     """Optuna's storage on ``url`` with the service's engine settings (SQLite busy timeout);
     opening it may create Optuna's tables."""
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
@@ -74,6 +74,6 @@ def fail_stale_trials(study: optuna.Study, dead: Callable[[str], bool],
 def load_study(key: str, url: str) -> optuna.Study | None:
     """A job's study in the database at ``url``; None when it was never created."""
     try:
-        return optuna.load_study(study_name=study_name(key), storage=open_storage(url))
+        return optuna.load_study(study_name=study_name(key), storage=storage_at(url))
     except KeyError:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from workers.study import fail_stale_trials, load_study, open_storage, study_name
+from workers.study import fail_stale_trials, load_study, storage_at, study_name
 
 
 def _running(study, worker=None):
@@ -17,7 +17,7 @@ def _running(study, worker=None):
 
 def test_dead_owners_fail_live_ones_are_left_and_unowned_ones_wait_for_the_stale_limit(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    study = optuna.create_study(storage=open_storage(url), study_name=study_name("j"))
+    study = optuna.create_study(storage=storage_at(url), study_name=study_name("j"))
     dead, live, fresh = _running(study, "w-dead"), _running(study, "w-live"), _running(study)
     done = _running(study, "w-dead")
     study.tell(done, 1.0)  # finished trials are never touched
@@ -37,5 +37,5 @@ def test_dead_owners_fail_live_ones_are_left_and_unowned_ones_wait_for_the_stale
 def test_load_study_of_a_job_never_started_is_none(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     assert load_study("nope", url) is None
-    optuna.create_study(storage=open_storage(url), study_name=study_name("yes"))
+    optuna.create_study(storage=storage_at(url), study_name=study_name("yes"))
     assert load_study("yes", url).study_name == "hmaopt:yes"
