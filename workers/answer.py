@@ -78,8 +78,8 @@ class _Measurer:
             else:
                 self.search.merger.apply(record.ratios)
                 ev = self.search.evaluator
-                self.cache[key] = ev.evaluate() if part == "search" else \
-                    ev.evaluate_part(part, on_batch=self.on_batch)
+                self.cache[key] = ev.evaluate(on_batch=self.on_batch) if part == "search" \
+                    else ev.evaluate_part(part, on_batch=self.on_batch)
         return self.cache[key]
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
+
+from redis.exceptions import LockError
 
 from service import queue
 from service.db import jobs as job_db
@@ -92,11 +95,26 @@ class JobRun:
             self.publish("status", {"status": status.value, "error": error})
         return moved
 
+    @contextmanager
     def lock(self, name: str):
-        """The job's Redis lock ``name`` ("ask", "setup", "gradient")."""
+        """The job's Redis lock ``name`` ("ask", "setup", "gradient"). Waiting longer than its
+        patience is logged and waiting goes on (checking for a stop or a cancel): a slow peer
+        must not fail the job. A lock that expired while held (work longer than its timeout)
+        is logged at release, not raised: the database, not the lock, keeps the trials."""
         held, wait = LOCK_SECONDS[name]
-        return self.conn.lock(queue.Keys.lock(self.job_id, name), timeout=held,
-                              blocking_timeout=wait)
+        lock = self.conn.lock(queue.Keys.lock(self.job_id, name), timeout=held)
+        while not lock.acquire(blocking_timeout=wait):
+            log.warning("worker %s: job %s waited %d s for its %s lock; waiting on",
+                        self.worker.name, self.job_id, wait, name)
+            self.should_stop()
+        try:
+            yield lock
+        finally:
+            try:
+                lock.release()
+            except LockError as exc:
+                log.warning("worker %s: job %s %s lock expired while held (%s)",
+                            self.worker.name, self.job_id, name, exc)
 
     def should_stop(self) -> bool:
         """Between trials: raise when the worker stops or the job was cancelled, or was

@@ -167,6 +167,12 @@ class WarmStart:
         return scale
 
 
+def tax_of(trial) -> float:
+    """The tax a ray aims at the budget with: its upper bound under ``tax.confidence``
+    (feasibility's own rule), else the tax."""
+    return trial.user_attrs.get("tax_bound", trial.user_attrs["tax"])
+
+
 #: :func:`step_on`'s answer while a point on the ray is still under way
 PENDING = -1.0
 #: most points the bisection baseline measures
@@ -181,7 +187,7 @@ def step_on(on_ray: list, ray: Sequence[float], limit: int, budget: float,
     if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in on_ray):
         return PENDING
     refined = sum(bool(t.user_attrs.get("refine")) for t in on_ray)
-    measured = {(t.user_attrs["ray_scale"], t.user_attrs["tax"]) for t in on_ray
+    measured = {(t.user_attrs["ray_scale"], tax_of(t)) for t in on_ray
                 if "tax" in t.user_attrs}
     if refined >= limit or not measured:  # no measured point: they failed
         return None
@@ -223,11 +229,11 @@ class Bisection:
         if not points:
             return self.high
         done = sorted((t for t in points if "tax" in t.user_attrs), key=lambda t: t.number)
-        measured = {(t.user_attrs["uniform_ratio"], t.user_attrs["tax"]) for t in done}
+        measured = {(t.user_attrs["uniform_ratio"], tax_of(t)) for t in done}
         alpha = None
         if measured and len(points) < self.limit:
             alpha = next_scale([1.0], measured, budget=self.budget, high=self.high)
-            sides = [t.user_attrs["tax"] <= self.budget for t in done[-2:]]
+            sides = [tax_of(t) <= self.budget for t in done[-2:]]
             if alpha is not None and len(sides) == 2 and sides[0] == sides[1]:
                 # two steps from one side (a curved tax): halve the bracket instead
                 lo = max([a for a, tax in measured if tax <= self.budget] + [0.0])

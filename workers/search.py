@@ -148,11 +148,17 @@ class Search:
             raise SpecError(f"cannot open the Optuna storage {self.storage_url}: {exc}",
                             field="storage") from exc
         self.study_id = self.storage.get_study_id_from_name(self.name)
+        stored = self.study.user_attrs.get("hmaopt")
+        if (stored is not None and isinstance(stored.get("uniform_grid"), list)
+                and spec.search.baseline is None and spec.baseline_mode() == "bisection"):
+            # a study begun on a grid (before bisection was the default) resumes on it
+            spec = spec.model_copy(update={"search": spec.search.model_copy(
+                update={"baseline": "grid"})})
+            self.spec = spec
         baseline = self.grid if spec.baseline_mode() == "grid" else "bisection"
         job = {"version": __version__, "spec": spec.model_dump(mode="json"),
                "slots": self.slots, "budget": spec.tax.budget, "mode": spec.mode,
                "uniform_grid": baseline, "ratio_convention": RATIO_CONVENTION}
-        stored = self.study.user_attrs.get("hmaopt")
         if stored is not None:
             changed = [k for k in ("slots", "budget", "mode", "uniform_grid")
                        if stored.get(k) != job[k]]
@@ -272,7 +278,7 @@ class Search:
                      "tax": m.tax, "feasible": feasible, "metrics": m.metrics,
                      "task_tax": m.task_tax, "stage": m.stage, "merge_seconds": merge_s,
                      "eval_seconds": m.seconds, "reward_se": m.reward_se, "tax_se": m.tax_se,
-                     "n_reward": m.n_reward, "n_tax": m.n_tax}
+                     "n_reward": m.n_reward, "n_tax": m.n_tax, "tax_bound": bound}
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             trial.set_constraint("tax", bound - budget)

@@ -27,7 +27,8 @@ import statistics
 from optuna.trial import TrialState
 
 from workers.gradient import learn_ratios
-from workers.ray import Bisection, WarmStart, next_scale, usable_ray
+from service.stats import upper_bound
+from workers.ray import Bisection, WarmStart, next_scale, tax_of, usable_ray
 from workers.results import best_of
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ class Stages:
     def baseline_complete(self) -> bool:
         if self.bisection is not None:
             return self.bisection.complete()
-        return not any(t.state in (TrialState.WAITING, TrialState.RUNNING)
-                       for t in self.study.get_trials(deepcopy=False)
+        pending = (TrialState.WAITING, TrialState.RUNNING) if self.search.live_running \
+            else (TrialState.WAITING,)  # a CLI study resumed after a crash: RUNNING is stale
+        return not any(t.state in pending for t in self.study.get_trials(deepcopy=False)
                        if t.user_attrs.get("kind") == "uniform")
 
     def gradient_due(self) -> bool:
@@ -97,12 +99,12 @@ class Stages:
         return self.baseline_complete()
 
     def exhausted(self) -> bool:
-        """``strategy: gradient``: nothing waiting and every stage done (the search ends)."""
+        """``strategy: gradient``: no stage has a point waiting (the sampler never runs; a
+        point of another worker still running is waited for by the driver, and when none
+        is, the search ends)."""
         if self.strategy != "gradient":
             return False
-        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        return not waiting and self.baseline_complete() and self.gradient is not None \
-            and self.gradient.done
+        return not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
     def run_gradient(self, on_batch=None) -> dict:
         """Run the gradient stage once (call it under the job's "gradient" lock) and enqueue
@@ -126,7 +128,9 @@ class Stages:
                       "eval_equivalents": result.seconds / unit if unit else None,
                       "target_uniform_ratio": target,
                       "final_loss": result.history[-1]["loss"] if result.history else None}
+            self._gradient_ray(stored)  # its trials first: whoever sees the attr sees them
             self.study.set_user_attr("gradient", stored)
+            return stored
         self._gradient_ray(stored)
         return stored
 
@@ -162,8 +166,9 @@ class Walk:
         if len(points) >= self.limit or any(
                 t.state in (TrialState.WAITING, TrialState.RUNNING) for t in points):
             return None
-        measured = {(1.0, best.tax)} | {(t.user_attrs["ray_scale"], t.user_attrs["tax"])
-                                        for t in points if "tax" in t.user_attrs}
+        bound = upper_bound(best.tax, best.tax_se, search.spec.tax.confidence)
+        measured = {(1.0, bound)} | {(t.user_attrs["ray_scale"], tax_of(t))
+                                     for t in points if "tax" in t.user_attrs}
         scale = next_scale(best.ratios, measured, budget=self.budget, high=self.high)
         if scale is None:
             return None

@@ -161,7 +161,8 @@ def remeasure_champion(settings: Settings, s, p: Pipeline, run: PipelineRun,
     one sampled trial more). Its best uniform reward is the champion's reward here."""
     spec = dict(job.spec)
     spec.update(name=f"{p.name}-champion-{champion.id[:8]}-on-{run.id[:8]}",
-                aligned_model=champion.promoted_dir, export=None,
+                aligned_model=champion.promoted_dir, export=None, ratio_bounds=[0.0, 1.0],
+                mean_ratio=None,
                 search={**spec["search"], "uniform_grid": [1.0], "n_trials": 2,
                         "warm_start": None, "workers": 1, "baseline": "grid",
                         "strategy": "optuna", "walk_steps": 0})
@@ -176,8 +177,12 @@ def remeasure_champion(settings: Settings, s, p: Pipeline, run: PipelineRun,
 
 
 def same_data(a: Job, b: Job) -> bool:
-    """Whether two jobs' rewards are comparable: the same reward and tax sections."""
-    return all(a.spec.get(k) == b.spec.get(k) for k in SAME_DATA_KEYS)
+    """Whether two jobs' rewards are comparable: the same reward and tax sections, and the
+    same split of the data (its holdout and validation parts pair record by record)."""
+    split = ("holdout_fraction", "validation_fraction")
+    return (all(a.spec.get(k) == b.spec.get(k) for k in SAME_DATA_KEYS)
+            and all((a.spec.get("search") or {}).get(k) == (b.spec.get("search") or {}).get(k)
+                    for k in split))
 
 
 # ------------------------------------------------------------------------------ switch

@@ -169,7 +169,10 @@ class JobEvaluator:
         if file is not None and file.is_file():
             try:
                 cached = json.loads(file.read_text())
-                if set(cached) == set(self.tasks):
+                slices = {n: {s for s in SLICES if t.slices.get(s)} for n, t in self.tasks.items()
+                          if t.spec.type != "lm_eval"}
+                if set(cached) == set(self.tasks) and all(set(cached[n]) == s
+                                                          for n, s in slices.items()):
                     self.base = {name: self._base_from_json(name, d) for name, d in cached.items()}
                     log.info("θ_base figures from cache %s", file)
                     return True
@@ -246,14 +249,23 @@ class JobEvaluator:
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, not {part!r}")
         started = time.perf_counter()
-        pairs, lm_values = {}, {}
+        pairs, lm_values, unsplit = {}, {}, False
         for name, task in self.tasks.items():
             if task.spec.type == "lm_eval":
                 lm_values[name] = self._lm_eval(task.spec, on_batch)
             elif task.slices[part]:
                 pairs[name] = (self._records(task, part, on_batch), self.base[name][part])
+            else:  # too small to split: its search records stand in
+                unsplit = True
+                merged = PerRecord()
+                base = PerRecord()
+                for s in ("stage1", "stage2"):
+                    if task.slices[s]:
+                        merged = merged + self._records(task, s, on_batch)
+                        base = base + self.base[name][s]
+                pairs[name] = (merged, base)
         result = self._combine(pairs, lm_values)
-        result.held_out = not lm_values
+        result.held_out = not lm_values and not unsplit
         self._reward_into(result, part, on_batch)
         result.seconds = time.perf_counter() - started
         return result
@@ -375,6 +387,7 @@ def base_cache_key(spec: JobSpec, base_model: str | Path, *, device: str, dtype:
         "weights": [sha256_file(f) for f in ckpt.weight_files],
         "device": device, "dtype": dtype,
         "holdout_fraction": spec.search.holdout_fraction,
+        "validation_fraction": spec.search.validation_fraction,
         "prune_fraction": spec.search.prune_fraction,
         "tasks": [dict(t.model_dump(exclude={"weight"}), data_sha256=_data_hash(t.data))
                   for t in spec.tax.tasks],
