@@ -27,7 +27,7 @@ def gemma_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def world() -> Path:
-    """The reference world, built once per machine (about 4–5 minutes) and cached.
+    """The reference world, built once per machine (5–9 minutes) and cached.
 
     Cached in ``HMAOPT_CACHE_DIR/world`` (default ``~/.cache/hmaopt/world``); a world of an
     older recipe version is rebuilt.
