@@ -21,7 +21,7 @@ from _common import machine_info, table, write_json  # bench/ is the script's fo
 
 ARMS = {  # name -> (spec.search overrides, trials)
     "tpe": ({"sampler": "tpe"}, None),
-    "tpe, no walk": ({"sampler": "tpe", "walk_steps": 0}, None),
+    "tpe-nowalk": ({"sampler": "tpe", "walk_steps": 0}, None),
     "random": ({"sampler": "random"}, None),
     "cmaes": ({"sampler": "cmaes"}, None),
     "gp": ({"sampler": "gp"}, None),

@@ -233,9 +233,10 @@ class SearchSpec(BaseModel):
                                 "gradient stage")
     gradient_refine: RefineSteps = Field(3, description="trials on the gradient result's ray "
                                          "toward the budget")
-    walk_steps: RefineSteps = Field(2, description="whenever a sampler trial becomes the best "
+    walk_steps: RefineSteps = Field(0, description="whenever a sampler trial becomes the best "
                                     "feasible one, up to this many trials on its ray toward "
-                                    "the budget (kind 'walk'); 0: none")
+                                    "the budget (kind 'walk'); 0 (default: it did not help "
+                                    "in docs/benchmarks.md): none")
 
     warm_start: list[dict[str, float]] | None = Field(
         None, max_length=100,

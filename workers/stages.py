@@ -10,7 +10,7 @@
    (seconds, evaluation equivalents) are stored in the study's ``gradient`` attribute, so a
    resumed or shared study runs it once.
 
-4. The walk to the budget (``walk_steps``, kind 'walk'): whenever a sampler trial becomes
+4. The walk to the budget (``walk_steps``, default 0: off; kind 'walk'): whenever a sampler trial becomes
    the best feasible one, up to ``walk_steps`` true evaluations along its ray (its ratios
    times a scale) to where the tax meets the budget, since the best reward usually sits
    there and a sampler seldom lands on it.
