@@ -161,3 +161,21 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"\nwrote {path}")
+
+
+def world_job(world_arg: str | None):
+    """(world folder, its job spec, LiveMerger, JobEvaluator with θ_base measured) of the
+    reference world at ``world_arg`` (default: the cache, built when missing); Optuna quiet."""
+    import optuna
+
+    from service.settings import get_settings
+    from service.spec import load_spec
+    from workers.search import load_job, measure_base
+    from workers.world import ensure_world
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    world = Path(world_arg) if world_arg else ensure_world(get_settings().cache_dir / "world")
+    spec = load_spec(world / "spec.yaml")
+    merger, ev = load_job(spec, device="auto")
+    measure_base(merger, ev)
+    return world, spec, merger, ev

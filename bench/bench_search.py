@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-from _common import machine_info, table, write_json  # bench/ is the script's folder
+from _common import machine_info, table, world_job, write_json  # bench/ is the script's folder
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random")
 
@@ -48,17 +47,9 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
-    import optuna
-    from service.settings import get_settings
-    from service.spec import load_spec
-    from workers.search import Search, load_job, measure_base
-    from workers.world import ensure_world
+    from workers.search import Search
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    world = Path(args.world) if args.world else ensure_world(get_settings().cache_dir / "world")
-    spec = load_spec(world / "spec.yaml")
-    merger, ev = load_job(spec, device="auto")
-    measure_base(merger, ev)
+    world, spec, merger, ev = world_job(args.world)
 
     def run(sampler: str, seed: int, *, n: int, budget: float | None = None,
             pruning: bool = True):

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-from _common import machine_info, table, write_json  # bench/ is the script's folder
+from _common import machine_info, table, world_job, write_json  # bench/ is the script's folder
 
 ARMS = {  # name -> (spec.search overrides, trials)
     "tpe": ({"sampler": "tpe"}, None),
@@ -49,18 +48,10 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
-    import optuna
+    from service.spec import JobSpec
+    from workers.search import Search
 
-    from service.settings import get_settings
-    from service.spec import JobSpec, load_spec
-    from workers.search import Search, load_job, measure_base
-    from workers.world import ensure_world
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    world = Path(args.world) if args.world else ensure_world(get_settings().cache_dir / "world")
-    spec = load_spec(world / "spec.yaml")
-    merger, ev = load_job(spec, device="auto")
-    measure_base(merger, ev)
+    _, spec, merger, ev = world_job(args.world)
     arms = [a for a in args.arms.split(",") if a]
     runs: dict[str, list] = {}
     for arm in arms:
@@ -84,7 +75,6 @@ def main() -> None:
             print(f"{arm} seed {seed}: {len(recs)} trials, best {best}, {wall:.0f} s"
                   + (f", gradient stage {grad['seconds']:.1f} s = "
                      f"{grad['eval_equivalents']:.1f} evaluations" if grad else ""), flush=True)
-    base = ev  # the base model's reward: a uniform α 0 trial, or the search reward at α 0
     best_known = max(r.reward for rs in runs.values() for run in rs for r in run["records"]
                      if r.feasible and r.reward is not None)
     r0 = min(r.reward for rs in runs.values() for run in rs for r in run["records"]
@@ -111,7 +101,6 @@ def main() -> None:
           f"{r0:.4f}: {threshold:.4f}")
     print(table(["arm", "evals to 99 % (per seed)", "best @15", "best @20", "best @40",
                  "s / trial", "gradient stage s"], rows))
-    del base
     write_json(args.json_out, {"machine": machine_info(), "best_known": best_known,
                                "threshold": threshold, "summary": summary})
 

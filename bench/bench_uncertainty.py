@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import machine_info, table, write_json  # bench/ is the script's folder
+from _common import machine_info, table, world_job, write_json  # bench/ is the script's folder
 
 
 def main() -> None:
@@ -35,24 +35,15 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
-    import optuna
-
-    from service.settings import get_settings
-    from service.spec import load_spec
     from service.stats import paired_interval
     from workers.evaluate.job import JobEvaluator
     from workers.results import best_of
-    from workers.search import Search, load_job, measure_base
-    from workers.world import ensure_world
+    from workers.search import Search
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    world = Path(args.world) if args.world else ensure_world(get_settings().cache_dir / "world")
-    spec = load_spec(world / "spec.yaml")
+    world, spec, merger, ev = world_job(args.world)
     fresh_prompts = world / "data" / "fresh" / Path(spec.reward.prompts).name
     if not fresh_prompts.is_file():
         raise SystemExit(f"{fresh_prompts} is missing: rebuild the world (hmaopt world build)")
-    merger, ev = load_job(spec, device="auto")
-    measure_base(merger, ev)
     fresh_spec = spec.model_copy(deep=True)
     fresh_spec.reward.prompts = str(fresh_prompts)
     fresh_spec.search.holdout_fraction = fresh_spec.search.validation_fraction = 0.0

@@ -162,10 +162,8 @@ def high_reward_responses(evaluator, merger, high: float, top_share: float,
     completions = greedy_generate(merger.model, evaluator.tokenizer, prompts,
                                   max_new_tokens=spec.max_new_tokens,
                                   batch_size=spec.batch_size, on_batch=on_batch)
-    scores = T.reward_model_scores(merger.model, evaluator.tokenizer, evaluator.reward_model,
-                                   evaluator.reward_tokenizer, records,
-                                   max_new_tokens=spec.max_new_tokens,
-                                   batch_size=spec.batch_size, on_batch=on_batch)
+    scores = T.score_completions(evaluator.reward_model, evaluator.reward_tokenizer, records,
+                                 completions, batch_size=spec.batch_size)
     ranked = sorted(zip(scores, prompts, completions), key=lambda x: -x[0])
     keep = max(1, round(len(ranked) * top_share))
     return [(p, c) for _, p, c in ranked[:keep] if c]

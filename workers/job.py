@@ -35,7 +35,7 @@ def measure_base(merger, evaluator, *, cache_dir: str | Path | None = None,
                  on_batch=None) -> bool:
     """Write θ_base into the live model and measure it (from the cache in ``cache_dir``/base
     when there). Returns True on a cache hit."""
-    from workers.evaluate.job import base_cache_key
+    from workers.evaluate.basecache import base_cache_key
 
     spec = evaluator.spec
     merger.apply([0.0] * merger.grouping.n_ratios)

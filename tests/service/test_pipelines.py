@@ -248,6 +248,23 @@ def _finished_run(settings, pipeline_id: str, *, reward, tax, holdout_tax=None, 
         return run.id, job.id
 
 
+def _decided_run(settings, sched, pipeline_id: str, **kw) -> tuple:
+    """A finished run (:func:`_finished_run`) through the scheduler's decision, its export
+    done when it promotes: (id, status, decision, reason)."""
+    from service.db import pipelines as pipe_db
+    from service.db import session_scope
+
+    run_id, job_id = _finished_run(settings, pipeline_id, **kw)
+    sched.tick()
+    with session_scope(settings.database()) as s:
+        if pipe_db.get_run(s, run_id).status == "promoting":
+            _export_done(settings, job_id)
+    sched.tick()
+    with session_scope(settings.database()) as s:
+        r = pipe_db.get_run(s, run_id)
+        return r.id, r.status, r.decision, r.reason
+
+
 def _export_done(settings, job_id: str) -> None:
     """What the worker's export leaves: the folder and the job's export state."""
     from service.db import session_scope
@@ -264,8 +281,6 @@ def test_an_insignificant_paired_gain_over_the_champion_is_not_promoted(stack, t
                                                                           roots):
     """With per-record holdout rewards on both sides, the run must beat the champion prompt by
     prompt: its paired gain's lower bound (95 %, one-sided) must clear the margin."""
-    from service.db import pipelines as pipe_db
-    from service.db import session_scope
     from service.pipelines.scheduler import Scheduler
 
     spec = _pipeline(tiny_spec, roots, promote={"dir": str(roots[0] / "promoted" / "q")})
@@ -277,17 +292,9 @@ def test_an_insignificant_paired_gain_over_the_champion_is_not_promoted(stack, t
     champion = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
     def run(reward, rewards, minutes):
-        run_id, job_id = _finished_run(settings, pid, reward=reward, tax=0.1, spec=job_spec,
-                                       at=t0 + timedelta(minutes=minutes),
-                                       holdout_rewards=rewards)
-        sched.tick()
-        with session_scope(settings.database()) as s:
-            if pipe_db.get_run(s, run_id).status == "promoting":
-                _export_done(settings, job_id)
-        sched.tick()
-        with session_scope(settings.database()) as s:
-            r = pipe_db.get_run(s, run_id)
-            return r.decision, r.reason
+        r = _decided_run(settings, sched, pid, reward=reward, tax=0.1, spec=job_spec,
+                         at=t0 + timedelta(minutes=minutes), holdout_rewards=rewards)
+        return r[2:]
 
     assert run(1.0, champion, 1)[0] == "promoted"
     # a higher search reward, but on the holdout it wins two prompts and loses one: noise
@@ -313,16 +320,8 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
     t0 = datetime.now(UTC)
 
     def run(reward, tax, minutes, **kw):
-        run_id, job_id = _finished_run(settings, pid, reward=reward, tax=tax, spec=job_spec,
-                                       at=t0 + timedelta(minutes=minutes), **kw)
-        sched.tick()
-        with session_scope(settings.database()) as s:
-            if pipe_db.get_run(s, run_id).status == "promoting":
-                _export_done(settings, job_id)
-        sched.tick()
-        with session_scope(settings.database()) as s:
-            r = pipe_db.get_run(s, run_id)
-            return r.id, r.status, r.decision, r.reason
+        return _decided_run(settings, sched, pid, reward=reward, tax=tax, spec=job_spec,
+                            at=t0 + timedelta(minutes=minutes), **kw)
 
     alias = roots[0] / "promoted" / "p" / "current"
     first = run(1.0, 0.1, 1)

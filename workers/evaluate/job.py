@@ -23,12 +23,11 @@ values behind it (reward: over prompts; tax: each task's tax over its records, p
 see service/stats.py), and the per-record values stay on the measurement (``records``, in
 memory only) so that two merges can be compared record by record. θ_base's statistics are measured once per job and cached in
 a JSON file keyed by the base checkpoint's and the data files' hashes and the evaluation
-settings (:func:`base_cache_key`), so reruns skip them.
+settings (:func:`~workers.evaluate.basecache.base_cache_key`), so reruns skip them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -41,14 +40,12 @@ from service import stats
 from service.errors import SpecError
 from service.spec import JobSpec, TaxTask
 from workers.evaluate import tasks as T
+from workers.evaluate.basecache import base_cache_key  # noqa: F401  (re-exported)
 from workers.evaluate.data import load_jsonl, split_parts
 from workers.evaluate.lm import BatchHook
 from workers.evaluate.tasks import PerRecord
 
 log = logging.getLogger(__name__)
-
-#: bump when a metric's computation changes: cached θ_base figures of another version are ignored
-EVALUATOR_VERSION = 2
 
 SLICES = ("stage1", "stage2", "validation", "holdout")
 #: the parts a merge is measured on after the search: where the answer is chosen, reported
@@ -371,34 +368,3 @@ class JobEvaluator:
         tax, tax_se = stats.combine(parts)
         return Measurement(stage=2, tax=tax, metrics=metrics, task_tax=task_tax, tax_se=tax_se,
                            n_tax=n_tax, records={"tax": per_task})
-
-
-def base_cache_key(spec: JobSpec, base_model: str | Path, *, device: str, dtype: str,
-                   allow_pickle: bool = False) -> str:
-    """The θ_base cache key: hashes of the base weights and data files, and the settings.
-
-    For an lm_eval task only its YAML is hashed, not the data files it names.
-    """
-    from workers.checkpoint import Checkpoint, sha256_file
-
-    ckpt = Checkpoint.open(base_model, allow_pickle=allow_pickle)
-    parts = {
-        "version": EVALUATOR_VERSION,
-        "weights": [sha256_file(f) for f in ckpt.weight_files],
-        "device": device, "dtype": dtype,
-        "holdout_fraction": spec.search.holdout_fraction,
-        "validation_fraction": spec.search.validation_fraction,
-        "prune_fraction": spec.search.prune_fraction,
-        "tasks": [dict(t.model_dump(exclude={"weight"}), data_sha256=_data_hash(t.data))
-                  for t in spec.tax.tasks],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _data_hash(path: str) -> str:
-    from workers.checkpoint import sha256_file
-
-    file = Path(path)
-    if file.is_file():
-        return sha256_file(file)
-    return "missing"

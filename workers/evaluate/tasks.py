@@ -191,6 +191,14 @@ def reward_model_scores(model, tokenizer, reward_model, reward_tokenizer,
     completions = greedy_generate(model, tokenizer, [r["prompt"] for r in records],
                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   on_batch=on_batch)
+    return score_completions(reward_model, reward_tokenizer, records, completions,
+                             batch_size=batch_size)
+
+
+@torch.inference_mode()
+def score_completions(reward_model, reward_tokenizer, records: Sequence[dict],
+                      completions: Sequence[str], *, batch_size: int = 16) -> list[float]:
+    """Per prompt: the reward model's score of prompt + completion."""
     device = next(reward_model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(records), batch_size):
