@@ -2,8 +2,12 @@
 
 The output folder gets safetensors shards (``max_shard_bytes`` each at most), the index when
 there is more than one shard, the config, generation config and tokenizer files (from the
-aligned checkpoint, else the base), and ``hma_manifest.json``. Everything is written to a
-temporary folder beside the target, synced, and renamed into place only when complete.
+aligned checkpoint, else the base), ``hma_manifest.json`` (the merge, the job that chose it
+when there is one, and the ``hmaopt merge`` command that reproduces it) and ``README.md``, a
+Hugging Face model card (workers/modelcard.py). Everything is written to a temporary folder
+beside the target, synced, and renamed into place only when complete. The folder and its
+files are created under the process umask, as ``save_pretrained`` creates them (0777 and
+0666 less the umask), whatever the modes of the source files.
 
 Two safetensors checkpoints of F32, F16 or BF16 floats (the common case) are merged by the
 torch-free pipeline in workers/stream.py: reading, hashing, merging and writing overlap,
@@ -17,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,9 +47,12 @@ from workers.checkpoint import (
 )
 from workers.dtypes import FLOAT_DTYPES, TORCH_NAMES, dtype_name
 from workers.grouping import Grouping, build_grouping
+from workers.modelcard import CARD, job_provenance, job_section, reproduce_command, write_card
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["MANIFEST", "ExportResult", "export_merge", "job_provenance"]
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +86,14 @@ def export_merge(
     overwrite: bool = False,
     progress: bool = False,
     sync: bool = True,
+    job: dict | None = None,
 ) -> ExportResult:
     """Merge ``base_model`` and ``aligned_model`` with per-group ``ratios`` into folder ``out``.
 
     ``dtype``: a ``torch.dtype``, a name (``bfloat16``, ``float32``, ...; ``auto`` or None
     keeps the checkpoint's). ``sync``: fsync the files and folders before and after the
-    rename, so a finished export survives a crash.
+    rename, so a finished export survives a crash. ``job``: the job that chose the ratios
+    (:func:`workers.modelcard.job_provenance`), recorded in the manifest and the card.
     """
     started = time.perf_counter()
     asked = _dtype_arg(dtype)
@@ -106,7 +115,8 @@ def export_merge(
     total = sum(p.nbytes for p in plans)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    section = job_section(job) if job is not None else None  # hashes the data: before the temp
+    tmp = _make_temp_dir(out)
     bar = _progress(total, progress, f"export {out.name}")
     try:
         if _streamable(base, aligned, plans):
@@ -122,7 +132,15 @@ def export_merge(
             write_index(tmp, shards, names)
         _copy_side_files(base, aligned, tmp, asked)
         manifest = _manifest(base, aligned, grouping, ratios, asked, names, total, hashes)
+        manifest["job"] = section
+        manifest["reproduce"] = reproduce_command(
+            base.path.absolute(), aligned.path.absolute(), out, spec, ratios,
+            dtype=TORCH_NAMES[asked] if asked else None, max_shard_bytes=max_shard_bytes,
+            extrapolated=any(not 0.0 <= r <= 1.0 for r in ratios),
+            pickle="pickle" in (base.format, aligned.format))
+        manifest["card"] = CARD
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_card(tmp, manifest, out=out, manifest_name=MANIFEST)
         if sync:
             _sync_folder(tmp, skip=set(names) if hashes is not None else set())
         _replace_dir(tmp, out)
@@ -136,6 +154,18 @@ def export_merge(
     seconds = time.perf_counter() - started
     log.info("exported %s: %d shard(s), %.1f MB in %.1f s", out, len(names), total / 1e6, seconds)
     return ExportResult(out, tuple(names), total, seconds, manifest)
+
+
+def _make_temp_dir(out: Path) -> Path:
+    """A new empty folder beside ``out``, made with mode 0777 less the umask (as the final
+    folder should be: ``tempfile.mkdtemp`` would make it 0700)."""
+    while True:
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+        try:
+            os.mkdir(tmp)  # mode 0o777 & ~umask
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _dtype_arg(dtype: Any) -> str | None:
@@ -187,7 +217,7 @@ def _copy_side_files(base: Checkpoint, aligned: Checkpoint, dest: Path, dtype: s
     for fname in SIDE_FILES:
         for source in (aligned.path, base.path):
             if (source / fname).is_file():
-                shutil.copy2(source / fname, dest / fname)
+                shutil.copyfile(source / fname, dest / fname)  # a new file: umask's mode
                 break
 
 

@@ -292,6 +292,7 @@ def _export(settings: Settings, job_id: str, out_dir: str, overwrite: bool) -> s
     url = settings.database()
     with session_scope(url) as session:
         spec, ratios = job_db.start_export(session, job_id, out_dir)
+        provenance = export.job_provenance(job_db.get_job(session, job_id))
     spec = JobSpec.model_validate(spec)
     queue.publish(settings, job_id, "export", {"status": ExportStatus.RUNNING.value,
                                                "dir": out_dir})
@@ -305,7 +306,8 @@ def _export(settings: Settings, job_id: str, out_dir: str, overwrite: bool) -> s
         result = export.export_merge(spec.base_model, spec.aligned_model, out_dir, spec.groups,
                                      list(ratios.values()),
                                      max_shard_bytes=settings.max_shard_bytes,
-                                     allow_pickle=settings.allow_pickle, overwrite=overwrite)
+                                     allow_pickle=settings.allow_pickle, overwrite=overwrite,
+                                     job=provenance)
     except Exception as exc:  # recorded for the caller; the worker goes on
         log.error("job %s: export to %s failed: %s", job_id, out_dir, exc)
         with session_scope(url) as session:

@@ -249,7 +249,7 @@ class _Run:
 
     def _write(self, shards, names, folder: Path, on_bytes) -> None:
         for fname, shard in zip(names, shards):
-            fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(folder / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less umask
             try:
                 _write_all(fd, shard_header(shard))
                 unsynced = 0
