@@ -65,7 +65,12 @@ class AuthenticationError(HmaoptError, exit_code=5):
 
 
 class PermissionDeniedError(HmaoptError, exit_code=5):
-    """The caller's role, or an admin setting, does not allow the action."""
+    """The caller's role, or an admin setting, does not allow the action; ``field`` names
+    what is missing (``role``, a header, a spec field)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class PathNotAllowedError(PermissionDeniedError):

@@ -179,8 +179,7 @@ _TEMPLATE = """---
 
 # {{ title }}
 
-A merge of two checkpoints by heterogeneous model averaging (HMA; {{ paper }}),
-written by hmaopt {{ version }}: each group of decoder layers takes its own ratio.
+A merge of two checkpoints by heterogeneous model averaging (HMA; {{ paper }}), written by hmaopt {{ version }}: each group of decoder layers takes its own ratio.
 
 > **Ratio convention.** A ratio is the weight on the **aligned** (post-RLHF) model:
 > `merged = base + ratio * (aligned - base)` (`torch.lerp`); ratio 0 is the base model,
@@ -299,7 +298,7 @@ def _body(manifest: Mapping[str, Any], out: Path, manifest_name: str) -> dict:
         return kw
     kw["chosen"] = (f"Job `{job['id']}` ({job['name']}), trial {job['trial']}"
                     + (f", found by {job['found_by']}" if job.get("found_by") else "")
-                    + (f", chosen {job['chosen_by']}" if job.get("chosen_by") else "")
+                    + (f", chosen on the {job['chosen_by']} data" if job.get("chosen_by") else "")
                     + f"; mode {job.get('mode')}, spec sha256 `{(job.get('spec_sha256') or '')[:16]}`.")
     f = job["figures"]
     for label, key in (("search", "search"), ("validation", "validation"),
