@@ -34,9 +34,19 @@ per-group merge ratios that maximise the alignment reward under an alignment-tax
 **Auth**: `Authorization: Bearer <token>` (`hmaopt token create --role ROLE`). Reads need the
 viewer role, submit / cancel / export need operator.
 
-**Errors** are JSON: `{"error": code, "message": text, "field": name}`; an invalid spec gets
-422 with the offending `field`.
+**Errors** are JSON, whatever the status: `{"error": code, "message": text, "field": name}`
+(`field` names the offending parameter, header or spec field where there is one). 400: the
+body cannot be parsed; 401: no or unknown token; 403: role too low (`field` `role`), CSRF
+token missing, a path outside the roots; 404; 405 (with `Allow`); 409; 413: body too large;
+422: invalid parameter or spec; 500: a fault of the server (its `message` names a log
+reference); 503: the database or Redis unreachable. No error carries SQL or a stack.
 """
+
+
+def operation_id(route) -> str:
+    """Operation ids are the route functions' names (``list_jobs``, not FastAPI's
+    ``list_jobs_v1_jobs_get``): what generated clients call their methods."""
+    return route.name
 
 
 class BodyLimit:
@@ -113,7 +123,7 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
             thread.join(timeout=5)
 
     app = FastAPI(title="hmaopt", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan,
+                  lifespan=lifespan, generate_unique_id_function=operation_id,
                   openapi_tags=[{"name": "jobs", "description": "merge-search jobs"},
                                 {"name": "workers", "description": "worker liveness"},
                                 {"name": "pipelines", "description": "nightly merge pipelines"},

@@ -60,7 +60,7 @@ def request_token(request: Request, creds, form_csrf: str | None = None) -> str 
         if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
             raise PermissionDeniedError(
                 f"missing or wrong CSRF token: a signed-in browser must send the "
-                f"{CSRF_COOKIE} cookie's value in the {CSRF_HEADER} header")
+                f"{CSRF_COOKIE} cookie's value in the {CSRF_HEADER} header", field=CSRF_HEADER)
     return token
 
 
@@ -68,7 +68,8 @@ def _check(session: Session, token: str | None, role: Role) -> Token:
     row = token_db.authenticate(session, token)
     if not Role(row.role).allows(role):
         raise PermissionDeniedError(
-            f"this needs the {role.value} role; token {row.name!r} has {row.role}")
+            f"this needs the {role.value} role; token {row.name!r} has {row.role}",
+            field="role")
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > timedelta(
             seconds=TOKEN_TOUCH_SECONDS):

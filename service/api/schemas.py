@@ -8,12 +8,53 @@ merged = base + ratio * (aligned - base); 0 = base (pre-RLHF), 1 = aligned (post
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Generic, TypeVar
 
+from fastapi import Query
 from pydantic import BaseModel, Field
 
+from service.api.results import Flag, JobResult, Layout, described
 from service.db.models import Job, Trial
+from service.pipelines.spec import PublicPipelineSpec
+from service.spec import JobSpec
 from service.status import (DeliveryStatus, ExportStatus, JobStatus, PipelineRunStatus,
                             TrialStatus, WorkerState)
+
+#: the largest offset a list takes (a 32-bit count of rows: beyond any table, and within
+#: every database's integer types)
+MAX_OFFSET = 2**31 - 1
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip (paging)")]
+
+T = TypeVar("T")
+
+
+def limit_param(maximum: int) -> object:
+    """``limit: Annotated[int, limit_param(500)] = 50``: a page of 1 to ``maximum`` rows."""
+    return Query(ge=1, le=maximum, description=f"rows per page (1 to {maximum})")
+
+
+def text_param(description: str) -> object:
+    """A free-text query parameter: at most 200 characters, no NUL (no database stores it)."""
+    return Query(max_length=200, pattern=r"^[^\x00]*$", description=description)
+
+
+def check_storable(value, field: str = "") -> None:
+    """Refuse (SpecError naming the field) a string no database stores: a NUL character
+    (PostgreSQL's text and JSON refuse it) or a lone surrogate (not encodable as UTF-8)."""
+    from service.errors import SpecError
+
+    if isinstance(value, str):
+        if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):
+            raise SpecError("a NUL character or a lone surrogate cannot be stored",
+                            field=field or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_storable(key, field)
+            check_storable(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_storable(item, f"{field}.{i}")
+
 
 RATIOS = ("Ratio per group slot, the weight on the ALIGNED model: merged = base + ratio * "
           "(aligned - base); 0 = base, 1 = aligned.")
@@ -45,15 +86,6 @@ class BestTrial(BaseModel):
                                     "prompts); set once the job has its result")
     tax_se: float | None = Field(None, description="standard error of the tax (over records, "
                                  "paired with the base model)")
-
-
-class Flag(BaseModel):
-    """A reason not to trust a result as it stands (e.g. ``holdout_over_budget``)."""
-
-    code: str = Field(description="holdout_over_budget | holdout_gain_negative | "
-                      "holdout_gain_not_significant | not_held_out | validation_over_budget | "
-                      "no_holdout")
-    message: str
 
 
 class Baseline(BaseModel):
@@ -97,17 +129,26 @@ class JobSummary(BaseModel):
 
 
 class JobDetail(JobSummary):
-    spec: dict = Field(description="the job spec, paths resolved inside the server's roots")
-    result: dict | None = Field(description="the final result: holdout figures, pareto front, "
-                                "timings (as `hmaopt search --json`)")
+    spec: described(JobSpec) = Field(description="the job spec, paths resolved inside the "
+                                     "server's roots")
+    result: described(JobResult) | None = Field(
+        description="the final result: holdout figures, pareto front, timings (as `hmaopt "
+        "search --json`); null until the job has finished")
     export: ExportState
-    layout: dict | None = Field(description="the grouping: decoder layers of each group and "
-                                "the ratio slots (written when a worker starts the job)")
+    layout: described(Layout) | None = Field(
+        description="the grouping: decoder layers of each group and the ratio slots "
+        "(written when a worker starts the job)")
 
 
-class JobList(BaseModel):
-    data: list[JobSummary]
-    count: int
+class Page(BaseModel, Generic[T]):
+    """A page of a list: ``data``, and ``count``, the number of rows before paging."""
+
+    data: list[T]
+    count: int = Field(description="rows matching, before limit and offset")
+
+
+class JobList(Page[JobSummary]):
+    pass
 
 
 class TrialPublic(BaseModel):
@@ -137,9 +178,8 @@ class TrialPublic(BaseModel):
     n_tax: int | None = None
 
 
-class TrialList(BaseModel):
-    data: list[TrialPublic]
-    count: int
+class TrialList(Page[TrialPublic]):
+    pass
 
 
 class TrialPoints(BaseModel):
@@ -184,9 +224,8 @@ class WorkerPublic(BaseModel):
     heartbeat_age_seconds: float
 
 
-class WorkerList(BaseModel):
-    data: list[WorkerPublic]
-    count: int
+class WorkerList(Page[WorkerPublic]):
+    pass
 
 
 # ------------------------------------------------------------------------------ pipelines
@@ -194,7 +233,8 @@ class WorkerList(BaseModel):
 class PipelineOut(BaseModel):
     id: str
     name: str
-    spec: dict = Field(description="the pipeline spec, webhook secrets left out")
+    spec: described(PublicPipelineSpec) = Field(description="the pipeline spec, webhook "
+                                                "secrets left out")
     paused: bool
     next_due_at: datetime | None = Field(description="the next scheduled run (UTC)")
     champion_run_id: str | None = Field(description="the run whose merge `current` names")
@@ -209,6 +249,21 @@ class PipelineCreated(PipelineOut):
         "once, here; keep them to verify the signatures")
 
 
+class WarmStart(BaseModel):
+    from_run: str = Field(description="the earlier run whose job found them")
+    ratios: dict[str, float] = Field(description=RATIOS)
+    uniform: float | None = Field(description="its best feasible uniform ratio")
+
+
+class RollbackRequested(BaseModel):
+    pipeline: str
+    status: str = Field(description="requested: the scheduler switches `current` on its "
+                        "next pass")
+    champion_run: str = Field(description="the run whose merge becomes `current` again")
+    dir: str | None
+    replaced_run: str | None = Field(description="the champion it replaces")
+
+
 class RunOut(BaseModel):
     id: str
     pipeline_id: str
@@ -220,8 +275,8 @@ class RunOut(BaseModel):
     checkpoint: str | None
     base_checkpoint: str | None
     job_id: str | None
-    warm_start: dict | None = Field(description="the previous run's best ratios and "
-                                    "uniform α this run started from")
+    warm_start: described(WarmStart) | None = Field(
+        description="the previous run's best ratios and uniform α this run started from")
     decision: str | None = Field(description="promoted or kept (with the reason)")
     reason: str | None
     reward: float | None
@@ -261,25 +316,20 @@ class DeliveryOut(BaseModel):
     delivered_at: datetime | None
 
 
-class Page(BaseModel):
-    data: list
-    count: int
+class PipelineList(Page[PipelineOut]):
+    pass
 
 
-class PipelineList(Page):
-    data: list[PipelineOut]
+class RunList(Page[RunOut]):
+    pass
 
 
-class RunList(Page):
-    data: list[RunOut]
+class PromotionList(Page[PromotionOut]):
+    pass
 
 
-class PromotionList(Page):
-    data: list[PromotionOut]
-
-
-class DeliveryList(Page):
-    data: list[DeliveryOut]
+class DeliveryList(Page[DeliveryOut]):
+    pass
 
 
 class Health(BaseModel):

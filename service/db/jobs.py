@@ -63,8 +63,17 @@ def create_job(session, spec: dict, *, n_trials: int, parallel: int = 1,
 
 
 def get_job(session, job_id: str, *, lock: bool = False) -> Job:
+    if not storable_key(job_id):  # no row has it, and PostgreSQL refuses to compare it
+        raise NotFoundError(f"no job with id {job_id!r}")
     return Job.one_or_raise(session, Job.id == job_id, lock=lock,
                             missing=f"no job with id {job_id}")
+
+
+def storable_key(value: str) -> bool:
+    """Whether ``value`` can be a key at all: no NUL, no lone surrogate, at most 200
+    characters (a path parameter is looked up only then)."""
+    return len(value) <= 200 and "\x00" not in value and not any(
+        "\ud800" <= c <= "\udfff" for c in value)
 
 
 def find_job(session, job_id: str | None) -> Job | None:
@@ -83,10 +92,10 @@ def list_jobs(session, *, status: list[str] | None = None, name: str | None = No
         like = f"%{q}%"
         stmt = stmt.where(or_(Job.name.ilike(like), Job.id.ilike(like),
                               Job.submitted_by.ilike(like)))
-    return _page(session, stmt, (Job.created_at.desc(), Job.id), limit, offset)
+    return page(session, stmt, (Job.created_at.desc(), Job.id), limit, offset)
 
 
-def _page(session, stmt, order: tuple, limit: int, offset: int) -> tuple[list, int]:
+def page(session, stmt, order: tuple, limit: int, offset: int) -> tuple[list, int]:
     """One page of ``stmt``'s rows and the count of them all, in the same statement (a
     window over the matching rows), so that a row written meanwhile cannot make them
     disagree; a page past the end counts apart."""
@@ -204,7 +213,7 @@ def list_trials(session, job_id: str, *, sort: str = "number", desc: bool = Fals
         stmt = stmt.where(Trial.feasible.is_(feasible))
     column = TRIAL_SORTS[sort]
     order = column.desc().nulls_last() if desc else column.asc().nulls_last()
-    return _page(session, stmt, (order, Trial.number), limit, offset)
+    return page(session, stmt, (order, Trial.number), limit, offset)
 
 
 def trial_points(session, job_id: str) -> list[tuple]:

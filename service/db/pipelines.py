@@ -112,6 +112,10 @@ def delete_pipeline(session, ref: str) -> None:
 
 def get_pipeline(session, ref: str, *, lock: bool = False) -> Pipeline:
     """By name or id."""
+    from service.db.jobs import storable_key
+
+    if not storable_key(ref):  # no row has it, and PostgreSQL refuses to compare it
+        raise NotFoundError(f"no pipeline {ref!r}")
     return Pipeline.one_or_raise(session, (Pipeline.name == ref) | (Pipeline.id == ref),
                                  lock=lock, missing=f"no pipeline {ref!r}")
 
@@ -162,7 +166,46 @@ def list_runs(session, pipeline_id: str, *, limit: int = 100, offset: int = 0) -
                                 .limit(limit).offset(offset)))
 
 
+def page_runs(session, pipeline_id: str, *, limit: int = 100,
+              offset: int = 0) -> tuple[list[PipelineRun], int]:
+    """One page of the pipeline's runs, newest first, and the count of them all."""
+    from service.db.jobs import page
+
+    stmt = select(PipelineRun).where(PipelineRun.pipeline_id == pipeline_id)
+    return page(session, stmt, (PipelineRun.scheduled_for.desc(),
+                                PipelineRun.created_at.desc(), PipelineRun.id), limit, offset)
+
+
+def page_pipelines(session, *, limit: int = 100, offset: int = 0) -> tuple[list[Pipeline], int]:
+    """One page of the pipelines by name, and the count of them all."""
+    from service.db.jobs import page
+
+    return page(session, select(Pipeline), (Pipeline.name,), limit, offset)
+
+
+def page_promotions(session, pipeline_id: str, *, limit: int = 100,
+                    offset: int = 0) -> tuple[list[Promotion], int]:
+    """One page of the alias's history, newest first, and the count of it all."""
+    from service.db.jobs import page
+
+    stmt = select(Promotion).where(Promotion.pipeline_id == pipeline_id)
+    return page(session, stmt, (Promotion.id.desc(),), limit, offset)
+
+
+def page_deliveries(session, pipeline_id: str, *, limit: int = 100,
+                    offset: int = 0) -> tuple[list[WebhookDelivery], int]:
+    """One page of the pipeline's webhook delivery log, newest first, and its count."""
+    from service.db.jobs import page
+
+    stmt = select(WebhookDelivery).where(WebhookDelivery.pipeline_id == pipeline_id)
+    return page(session, stmt, (WebhookDelivery.id.desc(),), limit, offset)
+
+
 def get_run(session, run_id: str) -> PipelineRun:
+    from service.db.jobs import storable_key
+
+    if not storable_key(run_id):
+        raise NotFoundError(f"no pipeline run {run_id!r}")
     run = session.get(PipelineRun, run_id)
     if run is None:
         raise NotFoundError(f"no pipeline run {run_id!r}")

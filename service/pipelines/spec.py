@@ -163,6 +163,21 @@ class PipelineSpec(BaseModel):
         return out
 
 
+class PublicWebhook(BaseModel):
+    """A webhook as the API returns it: the secret is stored, never shown."""
+
+    url: str
+    events: list[Literal[EVENTS]]  # type: ignore[valid-type]
+    has_secret: bool = Field(description="a secret is stored; it signs each delivery")
+
+
+class PublicPipelineSpec(PipelineSpec):
+    """The pipeline spec as the API returns it (``PipelineSpec.public``): a webhook's
+    ``secret`` gives way to ``has_secret``. (The OpenAPI's shape of the response.)"""
+
+    webhooks: list[PublicWebhook] = Field([], max_length=10)  # type: ignore[assignment]
+
+
 def apply_warm_start(job: dict, ratios: dict[str, float], uniform: float | None,
                      scales: list[float], refine: int = 0) -> dict:
     """A job-spec dict warm started from an earlier search's best: ``ratios`` times each of

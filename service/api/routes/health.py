@@ -21,6 +21,7 @@ def readyz(request: Request):
     """Ready to serve: the database is reachable and at the schema's head revision, and Redis
     answers."""
     from service import queue
+    from service.api.errors import public_text
     from service.db.migrate import check_schema
     from service.errors import HmaoptError
 
@@ -30,17 +31,19 @@ def readyz(request: Request):
         check_schema(settings.database())
         checks["database"] = "ok"
     except HmaoptError as exc:
-        checks["database"], ok = str(exc), False
+        checks["database"], ok = public_text(str(exc)), False
     try:
         queue.redis_client(queue.redis_url(settings)).ping()
         checks["redis"] = "ok"
     except Exception as exc:
-        checks["redis"], ok = f"{type(exc).__name__}: {exc}", False
+        checks["redis"], ok = public_text(f"{type(exc).__name__}: {exc}"), False
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(request: Request):
     """Prometheus text format: request counts and latencies, jobs by status, trials, live
     workers, queue length."""

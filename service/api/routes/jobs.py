@@ -7,15 +7,17 @@ import json
 import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service import queue
 from service.api.deps import Operator, SessionDep, SettingsDep, StreamViewer, Viewer
-from service.api.schemas import (ErrorBody, ExportRequest, ExportState, JobDetail, JobList,
-                                 TrialList, TrialPoints, TrialPublic, job_summary,
-                                 trial_public)
+from service.api.errors import responses
+from service.api.schemas import (MAX_OFFSET, ErrorBody, ExportRequest, ExportState, JobDetail,
+                                 JobList, Offset, TrialList, TrialPoints,
+                                 TrialPublic, check_storable, job_summary, limit_param,
+                                 text_param, trial_public)
 from service.db import jobs as job_db
 from service.db import session_scope
 from service.errors import DependencyUnavailableError
@@ -25,26 +27,50 @@ from service.status import TERMINAL, ExportStatus, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-ERRORS = {401: {"model": ErrorBody, "description": "no or unknown API token"},
-          403: {"model": ErrorBody, "description": "role too low, or a path outside the roots"},
-          404: {"model": ErrorBody, "description": "no such job"}}
+#: what every read of one job can answer besides its own
+READ = responses(401, 422, 503, s404="no such job")
+#: and a mutation (operator role)
+WRITE = responses(401, 403, 422, 503, s404="no such job")
+TRIAL_KINDS = Literal["uniform", "warm", "gradient", "search", "walk"]
+#: named examples of a submission (the OpenAPI's; paths relative to the server's roots)
+SUBMIT_EXAMPLES = {
+    "reward_model": {"summary": "reward model, three tax tasks, TPE",
+                     "value": JobSpec.model_config["json_schema_extra"]["examples"][0]},
+    "minimal": {"summary": "the fewest fields: defaults for groups and search", "value": {
+        "name": "minimal", "base_model": "models/base", "aligned_model": "models/aligned",
+        "reward": {"type": "reward_model", "model": "models/reward",
+                   "prompts": "data/reward_prompts.jsonl"},
+        "tax": {"budget": 0.05, "tasks": [
+            {"name": "facts", "type": "multiple_choice", "data": "data/facts_mc.jsonl"}]}}},
+    "pareto_lm_eval": {"summary": "pareto mode, an lm-eval task, 2 workers", "value": {
+        "name": "pareto", "base_model": "models/base", "aligned_model": "models/aligned",
+        "groups": {"scheme": "layers"}, "mode": "pareto",
+        "reward": {"type": "reward_model", "model": "models/reward",
+                   "prompts": "data/reward_prompts.jsonl"},
+        "tax": {"budget": 0.1, "tasks": [
+            {"name": "arc", "type": "lm_eval", "data": "data/arc_easy.yaml"}]},
+        "search": {"n_trials": 64, "workers": 2, "sampler": "nsga2"}}},
+}
 #: seconds an events stream waits on Redis before a keep-alive comment
 EVENTS_BLOCK_SECONDS = 15
 
 
 @router.post("", status_code=201, response_model=JobDetail, responses={
-    **ERRORS, 200: {"model": JobDetail, "description": "same Idempotency-Key: the job "
+    **responses(400, 401, 413, 503, s403="role too low, a path outside the roots, or a "
+                "setting refuses the spec (`field` names it)"),
+    200: {"model": JobDetail, "description": "same Idempotency-Key: the job "
                     "submitted before"},
     409: {"model": ErrorBody, "description": "Idempotency-Key reused with another spec"},
     422: {"model": ErrorBody, "description": "invalid spec; `field` names the field"},
     503: {"model": ErrorBody, "description": "database or Redis unavailable"}})
-def submit_job(spec: Annotated[JobSpec, Body()], caller: Operator, session: SessionDep,
-               settings: SettingsDep, response: Response,
+def submit_job(spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
+               caller: Operator, session: SessionDep, settings: SettingsDep, response: Response,
                idempotency_key: Annotated[str | None, Header(
                    max_length=200, description="resubmitting with the same key returns the "
                    "first job instead of a new one")] = None):
     """Submit a merge-search job (the job-spec schema of the CLI file). Relative paths
     resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS)."""
+    check_storable(spec.model_dump(mode="json"))
     resolved = resolve_job_paths(spec, settings)
     job, created = job_db.create_job(
         session, resolved.model_dump(mode="json"), n_trials=spec.search.n_trials,
@@ -61,27 +87,26 @@ def submit_job(spec: Annotated[JobSpec, Body()], caller: Operator, session: Sess
     return job_summary(job, detail=True)
 
 
-@router.get("", response_model=JobList, responses=ERRORS)
+@router.get("", response_model=JobList, responses=responses(401, 422, 503))
 def list_jobs(_: Viewer, session: SessionDep,
               status: Annotated[list[JobStatus] | None, Query(description="repeatable")] = None,
-              name: str | None = None,
-              q: Annotated[str | None, Query(description="text in name, id or submitter")] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0):
+              name: Annotated[str | None, text_param("exact job name")] = None,
+              q: Annotated[str | None, text_param("text in name, id or submitter")] = None,
+              limit: Annotated[int, limit_param(500)] = 50, offset: Offset = 0):
     """Jobs, newest first."""
     rows, total = job_db.list_jobs(session, status=[s.value for s in status or []], name=name,
                                    q=q, limit=limit, offset=offset)
     return JobList(data=[job_summary(j) for j in rows], count=total)
 
 
-@router.get("/{job_id}", response_model=JobDetail, responses=ERRORS)
+@router.get("/{job_id}", response_model=JobDetail, responses=READ)
 def get_job(job_id: str, _: Viewer, session: SessionDep):
     """Status, progress, best so far, the uniform baseline and the gain over it."""
     return job_summary(job_db.get_job(session, job_id), detail=True)
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail, responses={
-    **ERRORS, 409: {"model": ErrorBody, "description": "the job has already finished"}})
+    **WRITE, 409: {"model": ErrorBody, "description": "the job has already finished"}})
 def cancel_job(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep):
     """Cancel: a queued job at once; a running one within seconds (its worker stops at the
     next evaluation batch). ``cancel_requested`` is true until the status says cancelled."""
@@ -93,21 +118,20 @@ def cancel_job(job_id: str, _: Operator, session: SessionDep, settings: Settings
     return job_summary(job, detail=True)
 
 
-@router.get("/{job_id}/trials", response_model=TrialList, responses=ERRORS)
+@router.get("/{job_id}/trials", response_model=TrialList, responses=READ)
 def list_trials(job_id: str, _: Viewer, session: SessionDep,
                 sort: Literal["number", "reward", "tax", "eval_seconds", "merge_seconds"] = "number",
                 order: Literal["asc", "desc"] = "asc",
-                kind: Literal["uniform", "warm", "search"] | None = None,
+                kind: TRIAL_KINDS | None = None,
                 feasible: bool | None = None,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                offset: Annotated[int, Query(ge=0)] = 0):
+                limit: Annotated[int, limit_param(1000)] = 100, offset: Offset = 0):
     """Finished trials (complete or pruned), paged and sorted."""
     rows, total = job_db.list_trials(session, job_id, sort=sort, desc=order == "desc",
                                      kind=kind, feasible=feasible, limit=limit, offset=offset)
     return TrialList(data=[trial_public(t) for t in rows], count=total)
 
 
-@router.get("/{job_id}/points", response_model=TrialPoints, responses=ERRORS)
+@router.get("/{job_id}/points", response_model=TrialPoints, responses=READ)
 def trial_points(job_id: str, _: Viewer, session: SessionDep, settings: SettingsDep):
     """Every finished trial in columns (no ratios, no metrics): what a reward-tax figure of
     a large study needs in one small response. Reward and tax to 6 significant digits.
@@ -132,31 +156,37 @@ def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.6g}")
 
 
-@router.get("/{job_id}/trials/{number}", response_model=TrialPublic, responses={
-    **ERRORS, 404: {"model": ErrorBody, "description": "no such job, or no such finished trial"}})
-def get_trial(job_id: str, number: int, _: Viewer, session: SessionDep):
+@router.get("/{job_id}/trials/{number}", response_model=TrialPublic, responses=responses(
+    401, 422, 503, s404="no such job, or no such finished trial"))
+def get_trial(job_id: str, number: Annotated[int, Path(ge=0, le=MAX_OFFSET)], _: Viewer,
+              session: SessionDep):
     """One finished trial: ratios, reward, tax, per-task metrics, timings."""
     return trial_public(job_db.get_trial(session, job_id, number))
 
 
-@router.get("/{job_id}/best", response_model=TrialPublic, responses={
-    **ERRORS, 404: {"model": ErrorBody, "description": "no such job, or no feasible trial yet"}})
+@router.get("/{job_id}/best", response_model=TrialPublic, responses=responses(
+    401, 422, 503, s404="no such job, or no feasible trial yet"))
 def best_trial(job_id: str, _: Viewer, session: SessionDep):
     """The feasible trial (tax <= budget) of highest reward so far."""
     return trial_public(job_db.best_trial(session, job_id))
 
 
-@router.get("/{job_id}/pareto", response_model=TrialList, responses=ERRORS)
+@router.get("/{job_id}/pareto", response_model=TrialList, responses=READ,
+            operation_id="pareto_front")
 def pareto(job_id: str, _: Viewer, session: SessionDep):
     """Feasible trials not dominated in (higher reward, lower tax), by tax."""
     rows = job_db.pareto_trials(session, job_id)
     return TrialList(data=[trial_public(t) for t in rows], count=len(rows))
 
 
-@router.post("/{job_id}/export", status_code=202, response_model=ExportState, responses={
-    **ERRORS, 409: {"model": ErrorBody, "description": "no feasible trial, or an export is "
-                    "already running"},
-    422: {"model": ErrorBody, "description": "no dir given and the spec has no export.dir"}})
+@router.post("/{job_id}/export", status_code=202, response_model=ExportState,
+             operation_id="export_job", responses={
+    **responses(400, 401, 413, 503, s403="role too low, or the folder is outside the model "
+                "roots (`field` dir)", s404="no such job"),
+    409: {"model": ErrorBody, "description": "no feasible trial, or an export is already "
+          "running"},
+    422: {"model": ErrorBody, "description": "no dir given and the spec has no export.dir, "
+          "or an invalid body (`field` names it)"}})
 def export(job_id: str, _: Operator, session: SessionDep, settings: SettingsDep,
            body: ExportRequest | None = None):
     """Materialise the best merge as a Hugging Face checkpoint with hma_manifest.json (a
@@ -195,8 +225,9 @@ def _events_start(job_id: str, settings: SettingsDep,
     return {"snapshot": snapshot, "cursor": cursor}
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={
-    **ERRORS, 422: {"model": ErrorBody, "description": "malformed Last-Event-ID / since"}})
+@router.get("/{job_id}/events", response_class=EventSourceResponse, operation_id="job_events",
+            responses=responses(401, 503, s404="no such job", s422="malformed Last-Event-ID "
+                                "or since (`field` names it)", sse=True))
 async def events(job_id: str, request: Request, _: StreamViewer, settings: SettingsDep,
                  start: Annotated[dict, Depends(_events_start)]):
     """Server-sent events: ``job`` (a snapshot, first), ``status`` (status changes),

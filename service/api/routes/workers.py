@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter
 
 from service.api.deps import SessionDep, SettingsDep, Viewer
+from service.api.errors import responses
 from service.api.schemas import WorkerList, WorkerPublic
 from service.db import workers as worker_db
 from service.db.models import utcnow
@@ -14,7 +14,7 @@ from service.status import WorkerState
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
 
-@router.get("", response_model=WorkerList)
+@router.get("", response_model=WorkerList, responses=responses(401, 422, 503))
 def list_workers(_: Viewer, session: SessionDep, settings: SettingsDep,
                  include_stopped: bool = False):
     """Workers, live ones first; stopped and dead ones only with include_stopped."""
