@@ -4,7 +4,13 @@ A job submitted to the server may only read models under ``HMAOPT_MODEL_ROOTS`` 
 under ``HMAOPT_DATA_ROOTS``, and write its export under the model roots. Paths are resolved
 with symlinks followed (``realpath``), so a link inside a root that points outside is refused,
 and so is a model folder holding such a link (a shard or tokenizer file linked from
-elsewhere). Relative paths are looked up in each root in turn.
+elsewhere). Relative paths are looked up in each root in turn. A path that no file system
+can hold (a NUL byte, text that is not a file name, a component over 255 bytes, over 4096
+bytes in all) is a SpecError naming the field, before any file system call.
+
+The API checks a job when it is submitted (service/admission.py); a worker checks it again
+when it loads the job (:func:`service.admission.admit_job` with the same settings), so a file
+replaced by a link after submission is refused there too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,28 @@ from service.spec import JobSpec
 
 #: spec fields that name models (the rest name data)
 MODEL_FIELDS = ("base_model", "aligned_model", "reward.model")
+#: bytes of one path component (NAME_MAX of Linux file systems) and of a whole path (PATH_MAX)
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def check_path_text(field: str, raw: str) -> None:
+    """SpecError naming ``field`` when ``raw`` cannot be a path: a NUL byte, text that does
+    not encode as a file name, a component over NAME_MAX bytes, over PATH_MAX bytes in all."""
+    if "\x00" in raw:
+        raise SpecError("the path holds a NUL byte", field=field)
+    try:
+        encoded = os.fsencode(raw)
+    except UnicodeError as exc:
+        raise SpecError(f"the path is not valid file-name text ({exc.reason} at character "
+                        f"{exc.start})", field=field) from exc
+    if len(encoded) >= PATH_MAX:
+        raise SpecError(f"the path is {len(encoded)} bytes long; paths are under {PATH_MAX} "
+                        "bytes", field=field)
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise SpecError(f"a component of the path is {len(longest)} bytes long "
+                        f"({os.fsdecode(longest[:40])}...); file names are at most {NAME_MAX} "
+                        "bytes", field=field)
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -31,6 +59,15 @@ def resolve_path(field: str, raw: str, roots: list[Path], *, must_exist: bool = 
     An output (``must_exist=False``) must lie strictly below a root, never be one. ``kind``
     (model or data, for messages) defaults from the job-spec field name.
     """
+    check_path_text(field, raw)
+    try:
+        return _resolve(field, raw, roots, must_exist=must_exist, kind=kind)
+    except OSError as exc:  # e.g. a root joined with the path is over PATH_MAX
+        raise SpecError(f"{raw} cannot be resolved ({exc.strerror or exc})", field=field) from exc
+
+
+def _resolve(field: str, raw: str, roots: list[Path], *, must_exist: bool,
+             kind: str | None) -> str:
     real_roots = [Path(os.path.realpath(r)) for r in roots]
     kind = kind or ("model" if field in MODEL_FIELDS or field == "export.dir" else "data")
     setting = f"HMAOPT_{kind.upper()}_ROOTS"

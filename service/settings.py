@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     allow_python_reward: bool = Field(
         False, description="Admin setting: accept `reward: {type: python}` jobs over REST "
         "(the server imports and runs the named function).")
+    allow_task_code: bool = Field(
+        False, description="Admin setting: accept `lm_eval` tax tasks whose YAML names Python "
+        "functions (`!function`): the worker imports the task's Python files and runs them.")
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, gt=0,
                                    description="Largest accepted request body, in bytes.")
 

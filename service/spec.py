@@ -23,7 +23,7 @@ DEFAULT_BLOCKS = 3
 class GroupSpec(BaseModel):
     """How decoder layers are grouped; each group gets one ratio (two with ``split_attn_mlp``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     scheme: Scheme = Field("blocks", description="uniform | blocks | layers | custom")
     k: int | None = Field(
@@ -125,7 +125,7 @@ SamplerName = Literal["tpe", "gp", "cmaes", "nsga2", "random"]
 class RewardSpec(BaseModel):
     """How the alignment reward of a merged model is measured (higher is better)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: RewardType
     model: str | None = Field(None, description="reward_model: sequence-classification model folder")
@@ -149,7 +149,7 @@ class RewardSpec(BaseModel):
 class TaxTask(BaseModel):
     """One ability whose loss counts toward the alignment tax."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     type: TaxType
@@ -170,7 +170,7 @@ class TaxTask(BaseModel):
 
 
 class TaxSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     budget: float = Field(ge=0, description="largest allowed tax (weighted relative degradation)")
     tasks: list[TaxTask] = Field(min_length=1)
@@ -192,12 +192,12 @@ RefineSteps = Annotated[int, Field(ge=0, le=10)]
 
 
 class SearchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sampler: SamplerName = "tpe"
     n_trials: int = Field(48, ge=1, le=100_000, description="trials in all, the uniform "
                           "baseline included")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="the sampler's seed, 0 to 2**32 - 1")
     pruning: bool = Field(True, description="stop a trial after stage 1 when its tax is clearly "
                           "over budget")
     prune_fraction: float = Field(0.3, gt=0, lt=1, description="share of each tax set's search "
@@ -265,7 +265,7 @@ class SearchSpec(BaseModel):
 
 
 class ExportSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dir: str
 
@@ -276,7 +276,8 @@ class JobSpec(BaseModel):
     A ratio is the weight on the ALIGNED model: merged = base + ratio * (aligned - base).
     """
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False,
+                              json_schema_extra={"examples": [{
         "name": "demo",
         "base_model": "models/base", "aligned_model": "models/aligned",
         "groups": {"scheme": "blocks", "k": 3},

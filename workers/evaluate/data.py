@@ -1,13 +1,8 @@
-"""JSONL evaluation sets, validated line by line (errors name the file and the line).
+"""JSONL evaluation sets, validated line by line (errors name the file and the line), and
+their deterministic split into search, validation and holdout parts.
 
-Formats (DESIGN.md):
-
-- reward prompts: ``{"prompt": str}``
-- preference pairs: ``{"prompt": str, "chosen": str, "rejected": str}``
-- exact_match: ``{"prompt": str, "answer": str}``
-- multiple_choice: ``{"prompt": str, "choices": [str, ...], "answer": int}`` (an index; each
-  choice is appended to the prompt verbatim, so the data carries its own separator)
-- perplexity: ``{"text": str}``
+The formats and the reader are service/records.py's (the API checks submitted data with
+them too).
 """
 
 from __future__ import annotations
@@ -16,56 +11,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from service.errors import NotFoundError, SpecError
+from service.errors import SpecError
+from service.records import FIELDS, read_records
 
-FIELDS: dict[str, dict[str, type]] = {
-    "prompts": {"prompt": str},
-    "preference": {"prompt": str, "chosen": str, "rejected": str},
-    "exact_match": {"prompt": str, "answer": str},
-    "multiple_choice": {"prompt": str, "choices": list, "answer": int},
-    "perplexity": {"text": str},
-}
+__all__ = ["FIELDS", "load_jsonl", "split_holdout", "split_parts"]
 
 
-def load_jsonl(path: str | Path, kind: str) -> list[dict]:
-    """Read and validate a JSONL file of ``kind`` (a key of :data:`FIELDS`)."""
-    file = Path(path)
-    if not file.is_file():
-        raise NotFoundError(f"{kind} data {file} does not exist")
-    fields = FIELDS[kind]
-    records: list[dict] = []
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read {file}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{file}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise SpecError(f"{where}: expected a JSON object")
-        for name, typ in fields.items():
-            if name not in record:
-                raise SpecError(f"{where}: missing field {name!r} (a {kind} line needs "
-                                f"{', '.join(fields)})")
-            value = record[name]
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                raise SpecError(f"{where}: field {name!r} must be {typ.__name__}, "
-                                f"got {type(value).__name__}")
-        if kind == "multiple_choice":
-            choices = record["choices"]
-            if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise SpecError(f"{where}: 'choices' must be a list of at least two strings")
-            if not 0 <= record["answer"] < len(choices):
-                raise SpecError(f"{where}: answer {record['answer']} is out of range for "
-                                f"{len(choices)} choices (answer is a 0-based index)")
-        records.append(record)
+def load_jsonl(path: str | Path, kind: str, *, field: str | None = None) -> list[dict]:
+    """Read and validate a JSONL file of ``kind`` (a key of :data:`FIELDS`); ``field`` (the
+    spec field naming the file) goes into the errors."""
+    records = [record for _, record in read_records(path, kind, field=field)]
     if not records:
-        raise SpecError(f"{file} holds no {kind} records")
+        raise SpecError(f"{path} holds no {kind} records", field=field)
     return records
 
 

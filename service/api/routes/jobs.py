@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service import queue
+from service.admission import admit_job
 from service.api.deps import Operator, SessionDep, SettingsDep, StreamViewer, Viewer
 from service.api.errors import responses
 from service.api.schemas import (MAX_OFFSET, ErrorBody, ExportRequest, ExportState, JobDetail,
@@ -21,7 +22,7 @@ from service.api.schemas import (MAX_OFFSET, ErrorBody, ExportRequest, ExportSta
 from service.db import jobs as job_db
 from service.db import session_scope
 from service.errors import DependencyUnavailableError
-from service.paths import resolve_job_paths, resolve_path
+from service.paths import resolve_path
 from service.spec import JobSpec
 from service.status import TERMINAL, ExportStatus, JobStatus
 
@@ -71,7 +72,7 @@ def submit_job(spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
     """Submit a merge-search job (the job-spec schema of the CLI file). Relative paths
     resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS)."""
     check_storable(spec.model_dump(mode="json"))
-    resolved = resolve_job_paths(spec, settings)
+    resolved = admit_job(spec, settings)  # paths, checkpoints, data: service/admission.py
     job, created = job_db.create_job(
         session, resolved.model_dump(mode="json"), n_trials=spec.search.n_trials,
         parallel=spec.search.workers, token_id=caller.id, submitted_by=caller.name,
