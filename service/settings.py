@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,13 @@ DEFAULT_WORKER_STALE_SECONDS = 60.0
 DEFAULT_MAINTENANCE_SECONDS = 10.0
 #: Seconds one queued job may run before RQ gives up on it (7 days: a search is long work).
 DEFAULT_JOB_TIMEOUT_SECONDS = 7 * 24 * 3600
+#: Seconds of the first wait before Redis is tried again after a failure (doubled each time).
+DEFAULT_REDIS_RETRY_SECONDS = 1.0
+#: Seconds between two tries of an unreachable Redis at most (the backoff's cap).
+DEFAULT_REDIS_RETRY_MAX_SECONDS = 30.0
+#: Seconds a worker asked to stop (SIGTERM) gets before it is killed: it stops its trial at
+#: the next evaluation batch and puts the job back in the queue.
+DEFAULT_WORKER_STOP_SECONDS = 60.0
 
 
 def _split_paths(value):
@@ -94,6 +101,30 @@ class Settings(BaseSettings):
         "Redis, recover the jobs of dead workers).")
     job_timeout_seconds: int = Field(DEFAULT_JOB_TIMEOUT_SECONDS, gt=0,
                                      description="RQ timeout of one job run, in seconds.")
+    redis_retry_seconds: float = Field(
+        DEFAULT_REDIS_RETRY_SECONDS, gt=0,
+        description="Seconds before an unreachable Redis is tried again (workers, locks, the "
+        "embedded Valkey's restart); doubled after each failure up to "
+        "HMAOPT_REDIS_RETRY_MAX_SECONDS. An outage never fails a job: work waits and goes on.")
+    redis_retry_max_seconds: float = Field(
+        DEFAULT_REDIS_RETRY_MAX_SECONDS, gt=0,
+        description="Seconds between two tries of an unreachable Redis at most.")
+    worker_stop_seconds: float = Field(
+        DEFAULT_WORKER_STOP_SECONDS, gt=0,
+        description="Seconds `hmaopt serve` gives a local worker after SIGTERM (it stops its "
+        "trial at the next evaluation batch and puts the job back in the queue) before it "
+        "kills it.")
+
+    memory: Literal["auto", "device", "host"] = Field(
+        "auto", description="Where a worker's live merge keeps the base and aligned weights: "
+        "`device` (beside the live model: 3 copies on the GPU), `host` (in pinned host memory, "
+        "streamed to the GPU at each merge: one copy there) or `auto` (device when the two "
+        "extra copies fit the free GPU memory with 15% of it, at least 2 GiB, to spare). Same "
+        "merged weights in every mode.")
+    max_memory: str | None = Field(
+        None, description="A device map's cap per device (`cuda:0=20GiB,cpu=64GiB`) for a "
+        "worker whose device lists several (`--device cuda:0,cpu`); default: each device's "
+        "free memory.")
 
     # ---------------------------------------------------------------- pipelines
     scheduler_seconds: float = Field(15.0, gt=0, description="Seconds between two passes "

@@ -8,6 +8,13 @@ checked and a trial asked under it; "setup": enqueueing), the live workers (a RU
 of a dead one is failed and runs again), and recording each trial in ``hmaopt_trials`` with
 its event. The worker that finishes last writes the result (one finaliser) and exports.
 
+Outages of Redis never fail the job: a lock that cannot be reached is waited for (backoff,
+checking for a stop or a cancel in the database), events are dropped (the database keeps the
+record), and a Redis error that escapes anyway puts the job back in the queue as a SIGTERM
+does (:meth:`JobRun.requeue`; the reconcile enqueues it when Redis cannot hear of it now).
+SIGTERM stops the trial in hand at its next evaluation batch (as a cancel does); the trial
+is told FAIL and runs again, the finished ones are kept.
+
 The process around it is workers/process.py; dead workers' runs are recovered by
 workers/recovery.py. ``recover_dead_workers`` and ``current_worker`` are re-exported here.
 """
@@ -50,7 +57,8 @@ GRADIENT_LOCK_SECONDS = 3600
 #: (held at most, waited for at most) per lock of a job
 LOCK_SECONDS = {"ask": (ASK_LOCK_SECONDS, 2 * ASK_LOCK_SECONDS),
                 "setup": (SETUP_LOCK_SECONDS, 300),
-                "gradient": (GRADIENT_LOCK_SECONDS, GRADIENT_LOCK_SECONDS)}
+                "gradient": (GRADIENT_LOCK_SECONDS, GRADIENT_LOCK_SECONDS),
+                "optuna-schema": (60, 120)}
 
 
 class JobCancelled(BaseException):
@@ -96,17 +104,35 @@ class JobRun:
         return moved
 
     @contextmanager
-    def lock(self, name: str):
-        """The job's Redis lock ``name`` ("ask", "setup", "gradient"). Waiting longer than its
-        patience is logged and waiting goes on (checking for a stop or a cancel): a slow peer
-        must not fail the job. A lock that expired while held (work longer than its timeout)
-        is logged at release, not raised: the database, not the lock, keeps the trials."""
+    def lock(self, name: str, *, job: str | None = None):
+        """The job's Redis lock ``name`` ("ask", "setup", "gradient"; of every job with
+        ``job="all"``). Waiting longer than its patience is logged and waiting goes on
+        (checking for a stop or a cancel): a slow peer must not fail the job; nor does Redis
+        being away: it is tried again with backoff (HMAOPT_REDIS_RETRY_SECONDS). A lock that
+        expired while held (work longer than its timeout), or that Redis lost, is logged at
+        release, not raised: the database, not the lock, keeps the trials."""
         held, wait = LOCK_SECONDS[name]
-        lock = self.conn.lock(queue.Keys.lock(self.job_id, name), timeout=held)
-        while not lock.acquire(blocking_timeout=wait):
-            log.warning("worker %s: job %s waited %d s for its %s lock; waiting on",
-                        self.worker.name, self.job_id, wait, name)
+        lock = self.conn.lock(queue.Keys.lock(job or self.job_id, name), timeout=held)
+        waits, down_since = queue.retry_waits(self.settings), None
+        while True:
+            try:
+                if lock.acquire(blocking_timeout=wait):
+                    break
+                log.warning("worker %s: job %s waited %d s for its %s lock; waiting on",
+                            self.worker.name, self.job_id, wait, name)
+            except Exception as exc:
+                if not queue.transport_down(exc):
+                    raise
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("worker %s: job %s: Redis unreachable for its %s lock (%s); "
+                                "trying again until it answers", self.worker.name,
+                                self.job_id, name, exc)
+                time.sleep(next(waits))
             self.should_stop()
+        if down_since is not None:
+            log.warning("worker %s: job %s: Redis back after %.1f s; going on",
+                        self.worker.name, self.job_id, time.monotonic() - down_since)
         try:
             yield lock
         finally:
@@ -115,6 +141,11 @@ class JobRun:
             except LockError as exc:
                 log.warning("worker %s: job %s %s lock expired while held (%s)",
                             self.worker.name, self.job_id, name, exc)
+            except Exception as exc:
+                if not queue.transport_down(exc):
+                    raise
+                log.warning("worker %s: job %s %s lock not released (Redis unreachable: %s); "
+                            "it expires in %d s", self.worker.name, self.job_id, name, exc, held)
 
     def should_stop(self) -> bool:
         """Between trials: raise when the worker stops or the job was cancelled, or was
@@ -130,9 +161,12 @@ class JobRun:
         return False
 
     def check_batch(self, *_args) -> None:
-        """on_batch hook: stop at a batch boundary when the job was cancelled."""
+        """on_batch hook: stop at a batch boundary when the job was cancelled or the worker
+        is stopping (SIGTERM)."""
         if self.worker.lost:
             raise WorkerLost()
+        if self.worker.stopping:
+            raise WorkerStopping()
         if queue.cancel_flagged(self.settings, self.job_id):
             raise JobCancelled()
 
@@ -181,24 +215,15 @@ class JobRun:
             self.set_status(JobStatus.CANCELLED, expect={JobStatus.QUEUED, JobStatus.RUNNING})
             return "cancelled"
         except WorkerStopping:
-            with session_scope(self.url) as session:
-                others = [w for w in worker_db.alive(session, job_id=self.job_id)
-                          if w.id != self.worker.id]
-            if not others:
-                self.set_status(JobStatus.QUEUED, expect={JobStatus.RUNNING})
-            queue.enqueue_runs(self.settings, self.job_id, 1)
+            self.requeue("worker stopping")
             return "worker stopping: job re-enqueued"
-        except HmaoptError as exc:
-            log.error("worker %s: job %s failed: %s", self.worker.name, self.job_id, exc)
-            self.set_status(JobStatus.FAILED, expect={JobStatus.QUEUED, JobStatus.RUNNING},
-                            error=str(exc))
-            return "failed"
         except Exception as exc:
-            log.exception("worker %s: job %s failed", self.worker.name, self.job_id)
-            self.set_status(JobStatus.FAILED, expect={JobStatus.QUEUED, JobStatus.RUNNING},
-                            error=f"internal error: {type(exc).__name__}: {exc} "
-                                  f"(at {traceback.extract_tb(exc.__traceback__)[-1].name})")
-            return "failed"
+            if queue.transport_down(exc):  # never the job's failure
+                log.warning("worker %s: job %s: Redis unreachable (%s); the job goes back to "
+                            "the queue", self.worker.name, self.job_id, exc)
+                self.requeue("Redis outage")
+                return "Redis outage: job re-enqueued"
+            return self._failed(exc)
         finally:
             self.worker.job_id = None
             try:
@@ -209,11 +234,40 @@ class JobRun:
                 log.warning("worker %s: cleanup after job %s: %s", self.worker.name,
                             self.job_id, exc)
 
+    def _failed(self, exc: Exception) -> str:
+        if isinstance(exc, HmaoptError):
+            log.error("worker %s: job %s failed: %s", self.worker.name, self.job_id, exc)
+            self.set_status(JobStatus.FAILED, expect={JobStatus.QUEUED, JobStatus.RUNNING},
+                            error=str(exc))
+            return "failed"
+        log.error("worker %s: job %s failed", self.worker.name, self.job_id, exc_info=exc)
+        self.set_status(JobStatus.FAILED, expect={JobStatus.QUEUED, JobStatus.RUNNING},
+                        error=f"internal error: {type(exc).__name__}: {exc} "
+                              f"(at {traceback.extract_tb(exc.__traceback__)[-1].name})")
+        return "failed"
+
+    def requeue(self, why: str) -> None:
+        """Put the job back in the queue (this worker stops, or Redis failed under it): back
+        to queued unless another live worker is on it, and a new run enqueued; when Redis
+        cannot take it now, the reconcile (API and workers) enqueues it once Redis is back."""
+        with session_scope(self.url) as session:
+            others = [w for w in worker_db.alive(session, job_id=self.job_id)
+                      if w.id != self.worker.id]
+        if not others:
+            self.set_status(JobStatus.QUEUED, expect={JobStatus.RUNNING})
+        try:
+            queue.enqueue_runs(self.settings, self.job_id, 1)
+        except Exception as exc:
+            if not queue.transport_down(exc):
+                raise
+            log.warning("worker %s: job %s (%s) not enqueued now (%s): the reconcile "
+                        "enqueues it when Redis is back", self.worker.name, self.job_id, why,
+                        exc)
+
     def _open(self, spec: JobSpec, merger, evaluator) -> Search:
         """The job's shared study, set up once across workers; the read model backfilled."""
         # opening the storage may create Optuna's tables: one process at a time
-        with self.conn.lock(queue.Keys.lock("all", "optuna-schema"), timeout=60,
-                            blocking_timeout=120):
+        with self.lock("optuna-schema", job="all"):
             storage = storage_at(self.url)
         with self.lock("setup"):
             search = Search(spec, merger, evaluator, storage=storage,
@@ -231,7 +285,7 @@ class JobRun:
 
     def _search(self, spec: JobSpec) -> str:
         t0 = time.perf_counter()
-        merger, evaluator = load_job(spec, device=self.worker.device)
+        merger, evaluator = load_job(spec, device=self.worker.device, confine=True)
         search = self._open(spec, merger, evaluator)
         t1 = time.perf_counter()
         cached = measure_base(merger, evaluator, cache_dir=self.settings.cache_dir,

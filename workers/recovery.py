@@ -81,7 +81,13 @@ def recover(settings: Settings, worker_id: str, name: str, job_id: str) -> None:
                       {"status": ExportStatus.FAILED.value, "error": lost_export})
     if enqueue:
         queue.publish(settings, job_id, "worker_lost", {"worker": name, "failed_trials": failed})
-        queue.enqueue_runs(settings, job_id, 1)
+        try:
+            queue.enqueue_runs(settings, job_id, 1)
+        except Exception as exc:  # the job is queued in the database: the reconcile has it
+            if not queue.transport_down(exc):
+                raise
+            log.warning("job %s: not enqueued now (%s); the reconcile enqueues it when Redis "
+                        "is back", job_id, exc)
     with session_scope(url) as session:
         worker_db.mark_recovered(session, worker_id)
 
