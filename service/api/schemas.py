@@ -138,6 +138,10 @@ class JobDetail(JobSummary):
     layout: described(Layout) | None = Field(
         description="the grouping: decoder layers of each group and the ratio slots "
         "(written when a worker starts the job)")
+    enqueue_deferred: bool = Field(False, description="true only in the 202 answer to a "
+                                   "submission made while Redis was unreachable: the job is "
+                                   "stored (queued) and the service enqueues it once Redis "
+                                   "is back; do not submit it again")
 
 
 class Page(BaseModel, Generic[T]):

@@ -78,14 +78,15 @@ def serve_command(args: argparse.Namespace) -> int:
     stack = EmbeddedStack(settings, workers=workers, device=args.device)
     settings_embedded = settings.redis_url is None
     stop_scheduler = threading.Event()
+    # SIGTERM as Ctrl-C, from here on (during the start too): an exception, so that the
+    # local workers and Valkey are stopped below (uvicorn re-raises the SIGTERM it caught
+    # once it has shut down)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         settings = stack.start()
         print(f"hmaopt {__version__}: API on http://{args.host}:{args.port} (docs /docs), "
               f"database {safe_url(settings.database())}, Redis {safe_url(settings.redis_url)}, "
               f"{workers} local worker(s)", file=sys.stderr)
-        # uvicorn re-raises the SIGTERM it caught once it has shut down: make that an
-        # exception, so that the local workers and Valkey are stopped below
-        signal.signal(signal.SIGTERM, _exit_on_signal)
         if args.scheduler or (args.scheduler is None and settings_embedded):
             from service.pipelines.scheduler import start_thread
 
@@ -95,12 +96,14 @@ def serve_command(args: argparse.Namespace) -> int:
     except SystemExit:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop
         stop_scheduler.set()
         stack.stop()
     return 0
 
 
 def _exit_on_signal(signum, _frame) -> None:
+    """SIGTERM handler of the commands that start a stack: stop as on Ctrl-C."""
     raise SystemExit(128 + signum)
 
 
@@ -183,6 +186,7 @@ def demo_command(args: argparse.Namespace) -> int:
         "model_roots": [world, folder / "exports"], "data_roots": [world]})
     stack = EmbeddedStack(settings, workers=1)
     api = None
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # SIGTERM as Ctrl-C: everything stops
     try:
         settings = stack.start()
         token, token_file = _demo_token(settings)
@@ -208,6 +212,7 @@ def demo_command(args: argparse.Namespace) -> int:
                 api.thread.join(1.0)
         return code
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop
         if api is not None:
             api.stop()
         stack.stop()

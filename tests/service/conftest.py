@@ -94,6 +94,7 @@ def make_settings(db_url: str, redis_url: str | None, home: Path, roots, **extra
     from service.settings import Settings
 
     models, data = roots
+    extra.setdefault("cache_dir", home / "cache")  # never the user's own cache
     return Settings(database_url=db_url, redis_url=redis_url, home=home,
                     model_roots=[models], data_roots=[data], heartbeat_seconds=0.5,
                     worker_stale_seconds=4, maintenance_seconds=1, **extra)

@@ -381,7 +381,8 @@ def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("HMAOPT_") and k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(HMAOPT_HOME=str(tmp_path / "home"), HMAOPT_MODEL_ROOTS=str(models),
-               HMAOPT_DATA_ROOTS=str(data), HF_HUB_OFFLINE="1", HMAOPT_SCHEDULER_SECONDS="0.5")
+               HMAOPT_DATA_ROOTS=str(data), HMAOPT_CACHE_DIR=str(tmp_path / "cache"),
+               HF_HUB_OFFLINE="1", HMAOPT_SCHEDULER_SECONDS="0.5")
     port = _free_port()
     serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Annotated, Literal
 
@@ -27,6 +28,7 @@ from service.spec import JobSpec
 from service.status import TERMINAL, ExportStatus, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger(__name__)
 
 #: what every read of one job can answer besides its own
 READ = responses(401, 422, 503, s404="no such job")
@@ -61,16 +63,21 @@ EVENTS_BLOCK_SECONDS = 15
                 "setting refuses the spec (`field` names it)"),
     200: {"model": JobDetail, "description": "same Idempotency-Key: the job "
                     "submitted before"},
+    202: {"model": JobDetail, "description": "created and stored, but Redis is unreachable: "
+          "`enqueue_deferred` is true and the job is enqueued once Redis is back (it was "
+          "created: do not submit it again)"},
     409: {"model": ErrorBody, "description": "Idempotency-Key reused with another spec"},
     422: {"model": ErrorBody, "description": "invalid spec; `field` names the field"},
-    503: {"model": ErrorBody, "description": "database or Redis unavailable"}})
+    503: {"model": ErrorBody, "description": "database unavailable (no job was created)"}})
 def submit_job(spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
                caller: Operator, session: SessionDep, settings: SettingsDep, response: Response,
                idempotency_key: Annotated[str | None, Header(
                    max_length=200, description="resubmitting with the same key returns the "
                    "first job instead of a new one")] = None):
     """Submit a merge-search job (the job-spec schema of the CLI file). Relative paths
-    resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS)."""
+    resolve against the server's roots (HMAOPT_MODEL_ROOTS, HMAOPT_DATA_ROOTS). The job is
+    stored before Redis hears of it: while Redis is unreachable the answer is 202 with
+    ``enqueue_deferred`` true, and the job reaches a worker once Redis is back."""
     check_storable(spec.model_dump(mode="json"))
     resolved = admit_job(spec, settings)  # paths, checkpoints, data: service/admission.py
     job, created = job_db.create_job(
@@ -78,14 +85,22 @@ def submit_job(spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
         parallel=spec.search.workers, token_id=caller.id, submitted_by=caller.name,
         idempotency_key=idempotency_key)
     session.commit()  # the row is the truth: it exists before Redis hears of it
+    deferred = False
     if created:
-        queue.enqueue_runs(settings, job.id, job.parallel)
+        try:
+            queue.enqueue_runs(settings, job.id, job.parallel)
+        except DependencyUnavailableError as exc:  # stored: the reconcile enqueues it later
+            log.warning("job %s stored; not enqueued now (%s): the reconcile enqueues it when "
+                        "Redis is back", job.id, exc)
+            deferred, response.status_code = True, 202
         queue.publish(settings, job.id, "status", {"status": JobStatus.QUEUED.value})
         session.refresh(job)
     else:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_summary(job, detail=True)
+    detail = job_summary(job, detail=True)
+    detail.enqueue_deferred = deferred
+    return detail
 
 
 @router.get("", response_model=JobList, responses=responses(401, 422, 503))
