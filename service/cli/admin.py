@@ -8,22 +8,23 @@ every ``hmaopt`` start, ``--help`` included, and only these commands need them h
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from service.cli.helpers import add_command, add_group
+from service.cli.output import add_json_flag, emit, note
+from service.errors import DependencyUnavailableError
 from service.settings import get_settings
 from service.status import Role
 
 
 def add_db(sub) -> None:
     db = add_group(sub, "db", help="the service database")
-    up = add_command(db, "upgrade", db_upgrade_command,
-                     help="apply the migrations (DATABASE_URL, or the embedded SQLite file)")
+    up = add_json_flag(add_command(db, "upgrade", db_upgrade_command, help="apply the "
+                                   "migrations (DATABASE_URL, or the embedded SQLite file)"))
     up.add_argument("--revision", default="head", help="target revision (default head)")
-    add_command(db, "current", db_current_command,
-                help="print the schema revision of the database")
+    add_json_flag(add_command(db, "current", db_current_command,
+                              help="print the schema revision of the database"))
 
 
 def add_token(sub) -> None:
@@ -33,9 +34,11 @@ def add_token(sub) -> None:
     create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"],
                         help="viewer: read; operator: also submit, cancel, export; admin: all")
     create.add_argument("--name", default=None, help="who or what uses it (default: the role)")
-    add_command(token, "list", token_list_command,
-                help="list tokens (never the tokens themselves)")
-    revoke = add_command(token, "revoke", token_revoke_command, help="revoke a token by its id")
+    add_json_flag(create)
+    add_json_flag(add_command(token, "list", token_list_command,
+                              help="list tokens (never the tokens themselves)"))
+    revoke = add_json_flag(add_command(token, "revoke", token_revoke_command,
+                                       help="revoke a token by its id"))
     revoke.add_argument("id")
 
 
@@ -45,21 +48,26 @@ def db_upgrade_command(args: argparse.Namespace) -> int:
 
     url = get_settings().database()
     before, after = upgrade(url, args.revision)
-    if before == after:
-        print(f"database {safe_url(url)} is at revision {after}: nothing to do")
-    else:
-        print(f"database {safe_url(url)} upgraded: {before or 'empty'} -> {after}")
+    emit(args, {"database": safe_url(url), "before": before, "after": after},
+         f"database {safe_url(url)} is at revision {after}: nothing to do" if before == after
+         else f"database {safe_url(url)} upgraded: {before or 'empty'} -> {after}")
     return 0
 
 
 def db_current_command(args: argparse.Namespace) -> int:
+    """Print the database's schema revision; exit 6 (like every command that needs the
+    schema) when it is not the head: run `hmaopt db upgrade`."""
     from service.db.migrate import head_revision
     from service.db.session import current_revision, safe_url
 
     url = get_settings().database()
     have, head = current_revision(url), head_revision()
-    print(f"{safe_url(url)}: revision {have or 'none (run hmaopt db upgrade)'} (head {head})")
-    return 0 if have == head else 1
+    emit(args, {"database": safe_url(url), "revision": have, "head": head},
+         f"{safe_url(url)}: revision {have or 'none (run hmaopt db upgrade)'} (head {head})")
+    if have != head:
+        raise DependencyUnavailableError(f"the database {safe_url(url)} is at revision "
+                                         f"{have or 'none'}, not {head}: run `hmaopt db upgrade`")
+    return 0
 
 
 @contextmanager
@@ -79,9 +87,9 @@ def token_create_command(args: argparse.Namespace) -> int:
 
     with _token_session() as session:
         row, token = create_token(session, Role(args.role), args.name or args.role)
-        print(f"created {row.role} token {row.name!r} (id {row.id}); it is shown only now:",
-              file=sys.stderr)
-    print(token)
+        note(f"created {row.role} token {row.name!r} (id {row.id}); it is shown only now:")
+        data = {"id": row.id, "name": row.name, "role": row.role, "token": token}
+    emit(args, data, token)
     return 0
 
 
@@ -89,10 +97,17 @@ def token_list_command(args: argparse.Namespace) -> int:
     from service.db.tokens import list_tokens
 
     with _token_session() as session:
-        for t in list_tokens(session):
-            state = "revoked" if t.revoked_at else "active"
-            used = t.last_used_at.isoformat(timespec="seconds") if t.last_used_at else "never"
-            print(f"{t.id}  {t.role:<8}  {state:<7}  last used {used:<25}  {t.name}")
+        rows = [{"id": t.id, "name": t.name, "role": t.role,
+                 "created_at": t.created_at.isoformat(),
+                 "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+                 "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
+                for t in list_tokens(session)]
+
+    def line(t: dict) -> str:
+        used = t["last_used_at"][:19] if t["last_used_at"] else "never"
+        return (f"{t['id']}  {t['role']:<8}  {'revoked' if t['revoked_at'] else 'active':<7}  "
+                f"last used {used:<25}  {t['name']}")
+    emit(args, {"data": rows, "count": len(rows)}, "\n".join(map(line, rows)) if rows else None)
     return 0
 
 
@@ -101,5 +116,7 @@ def token_revoke_command(args: argparse.Namespace) -> int:
 
     with _token_session() as session:
         row = revoke_token(session, args.id)
-        print(f"revoked token {row.name!r} ({row.id})")
+        data = {"id": row.id, "name": row.name, "role": row.role,
+                "revoked_at": row.revoked_at.isoformat()}
+    emit(args, data, f"revoked token {data['name']!r} ({data['id']})")
     return 0

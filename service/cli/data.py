@@ -16,8 +16,10 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from service.cli.helpers import (add_command, add_group, add_progress_flag, format_summary,
-                                 parse_ratios, parse_size, show_progress)
-from service.errors import ConflictError, NotFoundError, SpecError
+                                 no_feasible_message, parse_ratios, parse_size, show_progress)
+from service.cli.output import JSON_HELP, add_json_flag, dumps, emit, note, wants_json
+from service.errors import (ConflictError, NoFeasibleMergeError, NotFoundError, RatioError,
+                            SpecError)
 from service.settings import get_settings
 from service.spec import GroupSpec, JobSpec, load_spec, spec_error_from_validation
 
@@ -47,6 +49,7 @@ def add_merge(sub) -> None:
                        help="read pickle .bin checkpoints (can run code: trusted files only)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     add_progress_flag(merge)
+    add_json_flag(merge)
 
 
 def add_search(sub) -> None:
@@ -60,9 +63,11 @@ def add_search(sub) -> None:
                         help="study name (default hmaopt:<spec name>)")
     search.add_argument("--resume", action="store_true",
                         help="continue an existing study of that name up to n_trials")
-    search.add_argument("--json", dest="json_out", default=None,
-                        help="write the result as JSON to this file ('-' for stdout)")
-    search.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    search.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                        help=f"{JSON_HELP}; --json FILE writes the result to FILE instead")
+    search.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda:N, or a device map such as "
+                        "cuda:0,cpu (the model split over them; HMAOPT_MEMORY, HMAOPT_MAX_MEMORY)")
     search.add_argument("--trials", type=int, default=None, help="override search.n_trials")
     search.add_argument("--sampler", default=None,
                         choices=["tpe", "gp", "cmaes", "nsga2", "random"],
@@ -81,6 +86,7 @@ def add_world(sub) -> None:
                        help="keep an existing world of this version (build only when missing)")
     build.add_argument("--seed", type=int, default=0, help="seed of data and training")
     add_progress_flag(build)
+    add_json_flag(build)
 
 
 def merge_command(args: argparse.Namespace) -> int:
@@ -93,31 +99,48 @@ def merge_command(args: argparse.Namespace) -> int:
                                non_layer=args.non_layer)
     if not args.ratios:
         raise SpecError("give at least one ratio", field="ratios")
-    result = export_merge(
-        args.base, args.aligned, args.out, spec, args.ratios,
-        allow_extrapolation=args.allow_extrapolation,
-        max_shard_bytes=args.max_shard_size or settings.max_shard_bytes,
-        dtype=args.dtype,
-        allow_pickle=args.allow_pickle or settings.allow_pickle,
-        overwrite=args.overwrite,
-        progress=show_progress(args),
-    )
+    if Path(args.out).expanduser().exists() and not args.overwrite:
+        raise ConflictError(f"--out {args.out} already exists: choose another folder, or pass "
+                            "--overwrite to replace it (the old one is removed only once the "
+                            "new one is complete)")
+    try:
+        result = export_merge(
+            args.base, args.aligned, args.out, spec, args.ratios,
+            allow_extrapolation=args.allow_extrapolation,
+            max_shard_bytes=args.max_shard_size or settings.max_shard_bytes,
+            dtype=args.dtype,
+            allow_pickle=args.allow_pickle or settings.allow_pickle,
+            overwrite=args.overwrite,
+            progress=show_progress(args),
+        )
+    except RatioError as exc:
+        if "outside [" not in str(exc) or args.allow_extrapolation:
+            raise
+        hint = "pass --allow-extrapolation to go beyond"
+        message = str(exc).removeprefix("ratios: ").replace(
+            "allow extrapolation explicitly to go beyond", hint)
+        raise RatioError(message if hint in message else f"{message}; {hint}",
+                         field="ratios") from exc
     ratios = result.manifest["ratios"]
-    print(f"merged ({spec.describe()}; ratio = weight on the aligned model): "
-          + ", ".join(f"{k}={v:g}" for k, v in ratios.items()))
-    print(f"wrote {result.out} ({len(result.shards)} shard(s), {result.bytes_written / 1e6:.1f} MB, "
-          f"{result.seconds:.1f} s)")
+    emit(args, {"out": str(result.out), "groups": spec.describe(), "ratios": ratios,
+                "shards": len(result.shards), "bytes": result.bytes_written,
+                "seconds": result.seconds, "manifest": result.manifest},
+         f"merged ({spec.describe()}; ratio = weight on the aligned model): "
+         + ", ".join(f"{k}={v:g}" for k, v in ratios.items())
+         + f"\nwrote {result.out} ({len(result.shards)} shard(s), "
+         f"{result.bytes_written / 1e6:.1f} MB, {result.seconds:.1f} s)")
     return 0
 
 
 def search_command(args: argparse.Namespace) -> int:
     """Search per-group ratios that maximise the reward with tax <= budget, the
-    vanilla-averaging baseline included. Exit code 0 when a feasible merge was found, 2 when
-    none was (or the spec is invalid); other errors exit with their group's code (3 not
-    found, 4 conflict, 7 checkpoint, 9 evaluation)."""
+    vanilla-averaging baseline included. --json prints the result as JSON (the summary goes
+    to stderr); --json FILE writes it there. Exit code 0 when a feasible merge was found, 10
+    when none was; errors exit with their group's code (2 invalid spec, 3 not found, 4
+    conflict, 7 checkpoint, 9 evaluation: the README's table)."""
     spec = load_spec(args.spec)
-    if args.json_out not in (None, "-"):  # fail now, not after the search
-        folder = Path(args.json_out).resolve().parent
+    if args.json not in (None, "-"):  # fail now, not after the search
+        folder = Path(args.json).resolve().parent
         if not folder.is_dir():
             raise NotFoundError(f"--json: folder {folder} does not exist")
     overrides = {k: v for k, v in (("n_trials", args.trials), ("sampler", args.sampler),
@@ -141,21 +164,24 @@ def search_command(args: argparse.Namespace) -> int:
                         log_fn=lambda msg: print(msg, file=sys.stderr))
     payload = jsonable(result.to_dict())
     text = format_summary(payload)
-    if args.json_out == "-":
+    if args.json == "-":
         print(json.dumps(payload, indent=2, allow_nan=False))
-        print(text, file=sys.stderr)
+        note(text)
     else:
         print(text)
-        if args.json_out:
+        if args.json:
             try:
-                Path(args.json_out).write_text(json.dumps(payload, indent=2, allow_nan=False)
-                                               + "\n")
+                Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False)
+                                           + "\n")
             except OSError as exc:
-                raise ConflictError(f"cannot write --json {args.json_out}: {exc}") from exc
+                raise ConflictError(f"cannot write --json {args.json}: {exc}") from exc
     if args.storage is None:
-        print("note: the study was kept in memory only; pass --storage sqlite:///FILE.db to "
-              "keep it", file=sys.stderr)
-    return 0 if result.feasible else 2
+        note("note: the study was kept in memory only; pass --storage sqlite:///FILE.db to "
+             "keep it")
+    if not result.feasible:
+        raise NoFeasibleMergeError(no_feasible_message(f"search {spec.name!r}",
+                                                       spec.tax.budget))
+    return 0
 
 
 def world_build_command(args: argparse.Namespace) -> int:
@@ -164,7 +190,8 @@ def world_build_command(args: argparse.Namespace) -> int:
     from workers.world import WorldConfig, build_world, load_world_info
 
     if args.reuse and (info := load_world_info(args.dir)) is not None:
-        print(f"reusing the reference world in {args.dir} (built in {info['seconds']:.0f} s)")
+        emit(args, {"dir": str(args.dir), "reused": True, **info},
+             f"reusing the reference world in {args.dir} (built in {info['seconds']:.0f} s)")
         return 0
 
     bar = tqdm(total=0, unit="step", dynamic_ncols=True) if show_progress(args) else None
@@ -188,6 +215,9 @@ def world_build_command(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if wants_json(args):
+        print(dumps({"dir": str(args.dir), "reused": False, **info}))
+        return 0
     base, aligned = info["skills"]["base"], info["skills"]["aligned"]
     print(f"built the reference world in {args.dir} ({info['seconds']:.0f} s)")
     print(f"  skills, base -> aligned: addition {base['addition']:.2f} -> {aligned['addition']:.2f}, "

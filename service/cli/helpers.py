@@ -1,5 +1,6 @@
 """What several command families share: argument types, the parser class, progress bars,
-following a job over REST and printing its result.
+following a job over REST, waiting on the server, and printing a job's result (its outcome
+as the exit code: service/errors.py, ``ExitCode``).
 """
 
 from __future__ import annotations
@@ -7,10 +8,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from service.errors import HmaoptError
+from service.cli.output import dumps
+from service.errors import (DependencyUnavailableError, NoFeasibleMergeError, NoResultError,
+                            JobFailedError, UsageError)
 from service.spec import load_spec
 from service.status import JobStatus, TrialStatus
 
@@ -40,9 +45,10 @@ def parse_ratios(text: str) -> list[float]:
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's usage errors exit 2, like SpecError
-        self.print_usage(sys.stderr)
-        self.exit(2, f"hmaopt: error: {message}\n")
+    def error(self, message: str) -> None:
+        """argparse's usage errors are SpecErrors (exit 2), printed by ``main`` like any
+        other error (as JSON with --json)."""
+        raise UsageError(message, usage=self.format_usage())
 
 
 def add_command(sub, name: str, handler, *, help: str) -> argparse.ArgumentParser:
@@ -66,10 +72,6 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
 def show_progress(args: argparse.Namespace) -> bool:
     """A bar only when asked for (no --no-progress) and stderr is a terminal."""
     return not args.no_progress and sys.stderr.isatty()
-
-
-def print_error(exc: HmaoptError) -> None:
-    print(f"hmaopt: error: {exc}", file=sys.stderr)
 
 
 def read_spec_for_submit(path: str, server_paths: bool) -> dict:
@@ -111,16 +113,44 @@ def follow_job(client, job: dict, *, progress: bool) -> dict:
             bar.close()
 
 
-def report(job: dict) -> int:
-    """Print a finished job; the exit code of submit --wait."""
-    if job["status"] == JobStatus.SUCCEEDED and job.get("result"):
-        print(format_summary(job["result"]))
-        return 0 if job["result"]["feasible"] else 2
+def report(job: dict, *, as_json: bool = False) -> int:
+    """Print a finished job (its summary, or with ``as_json`` the job as JSON); 0 when it found
+    a feasible merge, else the outcome's error: NoFeasibleMergeError, JobFailedError,
+    NoResultError (a cancelled job)."""
+    result = job.get("result")
+    if as_json:
+        print(dumps(job))
+    elif job["status"] == JobStatus.SUCCEEDED and result:
+        print(format_summary(result))
     if job["status"] == JobStatus.FAILED:
-        print(f"job {job['id']} failed: {job['error']}", file=sys.stderr)
-    else:
-        print(f"job {job['id']} ended {job['status']}", file=sys.stderr)
-    return 1
+        raise JobFailedError(f"job {job['id']} failed: {job['error']}")
+    if job["status"] != JobStatus.SUCCEEDED or not result:
+        raise NoResultError(f"job {job['id']} ended {job['status']} without a result")
+    if not result["feasible"]:
+        raise NoFeasibleMergeError(no_feasible_message(f"job {job['id']}", result["budget"]))
+    return 0
+
+
+def no_feasible_message(what: str, budget: float) -> str:
+    return (f"{what}: no merge within the tax budget {budget:g} (every trial's tax exceeds "
+            "it): raise tax.budget, or lower ratio_bounds")
+
+
+def poll_until(fetch: Callable[[], dict], done: Callable[[dict], bool], *,
+               first: dict | None, timeout: float, every: float,
+               late: Callable[[dict], str]) -> dict:
+    """Poll ``fetch`` every ``every`` seconds (starting from ``first``, or a first fetch)
+    until ``done``; past ``timeout`` s, DependencyUnavailableError with the message
+    ``late(value)`` (a scheduler or a worker does this work: it should ask whether one
+    runs)."""
+    deadline = time.monotonic() + timeout
+    value = fetch() if first is None else first
+    while not done(value):
+        if time.monotonic() > deadline:
+            raise DependencyUnavailableError(late(value))
+        time.sleep(every)
+        value = fetch()
+    return value
 
 
 def format_summary(r: dict) -> str:

@@ -8,6 +8,7 @@ and the scheduler, which add 0.2 to 0.5 s to every ``hmaopt`` start, ``--help`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -19,9 +20,10 @@ from service._version import __version__
 from service.cli.data import world_build_command
 from service.cli.helpers import (add_command, add_progress_flag, follow_job,
                                  read_spec_for_submit, report, show_progress)
+from service.cli.output import add_json_flag, wants_json
 from service.client import Client
 from service.embedded import ApiThread, EmbeddedStack
-from service.errors import HmaoptError
+from service.errors import HmaoptError, OutcomeError
 from service.settings import Settings, get_settings
 from service.status import Role
 
@@ -60,6 +62,7 @@ def add_demo(sub) -> None:
     demo.add_argument("--serve", action="store_true",
                       help="keep the server up after the job (Ctrl-C to stop)")
     add_progress_flag(demo)
+    add_json_flag(demo)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -170,17 +173,34 @@ def _demo_token(settings: Settings) -> tuple[str, Path]:
     return token, token_file
 
 
+def _demo_links(client: Client, job_id: str, folder: Path, database: str, sign_in: str, *,
+                serving: bool) -> str:
+    """Where to look at the demo's job: its dashboard page (said to stop with the demo unless
+    --serve, with how to serve its database again) and its Optuna study."""
+    page = client.dashboard_url(job_id)
+    study = (f"study: optuna.load_study(study_name='hmaopt:{job_id}', "
+             f"storage='{database}')")
+    if serving:
+        return f"dashboard: {page}  ({sign_in})\n{study}"
+    return (f"dashboard: {page} was up while the demo ran; its server stops now. To look "
+            f"again: `hmaopt demo --serve` (a new search, then it stays up), or serve this "
+            f"database: `HMAOPT_HOME={folder / 'service'} hmaopt serve`, then "
+            f"http://127.0.0.1:8000/ui/jobs/{job_id} ({sign_in})\n{study}")
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """Build (or reuse) the reference world in DIR/world, start the embedded stack (SQLite in
     DIR/service, Valkey, one local worker, the API), submit the world's job over REST, show
-    its progress and print the result and the URL."""
+    its progress and print the result, the job's dashboard page and how to sign in. Exit code
+    as `hmaopt submit --wait`: 0 when a feasible merge was found, 10 when none was."""
     from service.api.app import create_app
 
     folder = Path(args.dir).resolve()
     world = folder / "world"
-    if world_build_command(argparse.Namespace(dir=str(world), reuse=True, overwrite=False,
-                                              seed=0, no_progress=args.no_progress)) != 0:
-        return 1
+    # with --json, stdout is the job's JSON alone: the world's lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr if wants_json(args) else sys.stdout):
+        world_build_command(argparse.Namespace(dir=str(world), reuse=True, overwrite=False,
+                                               seed=0, no_progress=args.no_progress))
     settings = get_settings().model_copy(update={
         "home": folder / "service", "database_url": None, "redis_url": None,
         "model_roots": [world, folder / "exports"], "data_roots": [world]})
@@ -197,20 +217,25 @@ def demo_command(args: argparse.Namespace) -> int:
               "1 local worker", file=sys.stderr)
         client = Client(url, token)
         job = client.submit(read_spec_for_submit(str(world / "spec.yaml"), False))
-        print(f"submitted job {job['id']} ({job['name']}) over REST", file=sys.stderr)
+        sign_in = f"sign in with the token in {token_file}"
+        print(f"submitted job {job['id']} ({job['name']}) over REST; watch it live at "
+              f"{client.dashboard_url(job['id'])} ({sign_in})", file=sys.stderr)
         job = follow_job(client, job, progress=show_progress(args))
-        code = report(job)
-        print(f"job {url}/v1/jobs/{job['id']}  (token in {token_file})")
-        print(f"study: optuna.load_study(study_name='hmaopt:{job['id']}', "
-              f"storage='{settings.database()}')")
-        if not args.serve:
-            print("the demo server stops now; `hmaopt demo --serve` keeps it up",
-                  file=sys.stderr)
-        else:
+        try:
+            report(job, as_json=wants_json(args))
+            outcome = None
+        except OutcomeError as exc:  # the exit code; where to look at the job comes first
+            outcome = exc
+        print(_demo_links(client, job["id"], folder, settings.database(), sign_in,
+                          serving=args.serve),
+              file=sys.stderr if wants_json(args) else sys.stdout)
+        if args.serve:
             print(f"serving on {url} until Ctrl-C", file=sys.stderr)
             while api.thread.is_alive():
                 api.thread.join(1.0)
-        return code
+        if outcome is not None:
+            raise outcome
+        return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop
         if api is not None:

@@ -276,3 +276,26 @@ def test_task_code_needs_the_admin_setting(stack, lm_spec, settings_stack):
              "HMAOPT_ALLOW_TASK_CODE")
     allowed = settings_stack(allow_task_code=True)
     assert _post(allowed, spec).status_code == 201
+
+
+# ------------------------------------------------------------------ the worker checks again
+
+def test_a_link_swapped_in_after_submission_fails_the_job_on_the_worker(stack, tiny_spec,
+                                                                          tmp_path):
+    """Admitted, then a weight file replaced by a link out of the roots: the worker refuses
+    it when it loads the job (a failed job naming the field), and loads nothing."""
+    r = _post(stack, tiny_spec)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    weights = Path(job["spec"]["aligned_model"]) / "model.safetensors"
+    shutil.move(weights, outside / "model.safetensors")
+    weights.symlink_to(outside / "model.safetensors")
+    stack.start_worker()
+    final = stack.wait_job(job["id"], timeout=120)
+    assert final["status"] == "failed", final
+    assert final["error"].startswith("aligned_model: "), final["error"]
+    assert "model.safetensors is a link that resolves outside the allowed model roots" \
+        in final["error"]
+    assert final["progress"]["trials_finished"] == 0

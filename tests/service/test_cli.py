@@ -144,9 +144,12 @@ def test_the_parser_has_every_familys_commands():
         "serve": "stack", "worker": "stack", "scheduler": "stack", "demo": "stack",
         "submit": "remote", "pipeline create": "remote", "pipeline list": "remote",
         "pipeline trigger": "remote", "pipeline runs": "remote", "pipeline rollback": "remote",
+        "jobs list": "jobs", "jobs show": "jobs", "jobs cancel": "jobs", "jobs export": "jobs",
+        "jobs trials": "jobs",
     }
     # `hmaopt --help` lists them in this order, the families interleaved
-    assert list(families)[8:12] == ["serve", "worker", "submit", "scheduler"]
+    assert list(families)[8:14] == ["serve", "worker", "submit", "jobs list", "jobs show",
+                                    "jobs cancel"]
 
 
 def test_a_handlers_docstring_is_its_commands_description():
@@ -158,32 +161,115 @@ def test_a_handlers_docstring_is_its_commands_description():
     assert parsers["db upgrade"].description is None  # no docstring, no description
     proc = hmaopt("search", "--help")
     assert proc.returncode == 0
-    assert "(3 not found, 4 conflict, 7 checkpoint, 9 evaluation)" in " ".join(proc.stdout.split())
+    assert ("(2 invalid spec, 3 not found, 4 conflict, 7 checkpoint, 9 evaluation: the README's "
+            "table)") in " ".join(proc.stdout.split())
 
 
 def test_parsing_every_command_imports_no_data_plane():
     code = ("import sys; from service.cli import build_parser; p = build_parser();"
             "[p.parse_args(a.split()) for a in ('merge --base b --aligned a --ratios 0.5 --out o',"
             " 'search s.yaml', 'world build w', 'db current', 'token list', 'serve', 'worker',"
-            " 'scheduler', 'demo', 'submit s.yaml', 'pipeline runs n')];"
+            " 'scheduler', 'demo', 'submit s.yaml', 'pipeline runs n', 'jobs list',"
+            " 'jobs show j', 'jobs trials j --all', 'jobs export j --wait')];"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in"
             " ('torch', 'transformers', 'optuna', 'workers')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
 
 
-def test_a_pipeline_run_that_no_scheduler_advances_times_out(monkeypatch, capsys):
-    import argparse
+def test_an_existing_out_and_an_out_of_bounds_ratio_name_their_flags(tmp_path, llama_pair):
+    base, aligned = llama_pair
+    out = tmp_path / "o"
+    out.mkdir()
+    args = ["merge", "--base", str(base), "--aligned", str(aligned), "--groups", "blocks:2",
+            "--out", str(out)]
+    proc = hmaopt(*args, "--ratios", "0.2,0.4")
+    assert proc.returncode == 4 and "already exists" in proc.stderr
+    assert "--overwrite" in proc.stderr and not any(out.iterdir())
+    proc = hmaopt(*args, "--ratios", "0.2,1.3", "--overwrite", "--json")
+    assert proc.returncode == 2 and proc.stdout == ""
+    error = json.loads(proc.stderr)
+    assert error["exit_code"] == 2 and error["field"] == "ratios"
+    assert "ratio for block1 is 1.3, outside [0.0, 1.0]" in error["message"]
+    assert "pass --allow-extrapolation to go beyond" in error["message"]
+    proc = hmaopt(*args, "--ratios", "0.2,0.4", "--overwrite", "--json")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(proc.stdout)
+    assert merged["ratios"] == {"block0": 0.2, "block1": 0.4} and merged["out"] == str(out)
+    assert merged["manifest"] == json.loads((out / "hma_manifest.json").read_text())
 
-    from service.cli import remote
 
-    class Server:
-        def request(self, method, path, **_):
-            return {"id": "r1", "status": "pending"}
+#: commands that print no data (they run until stopped): no --json
+NO_DATA = {"serve", "worker", "scheduler"}
 
-    monkeypatch.setattr(remote, "_client", lambda args: Server())
-    args = argparse.Namespace(name="nightly", wait=True, timeout=-1.0)
-    assert remote.pipeline_trigger_command(args) == 1
-    err = capsys.readouterr().err
-    assert ("hmaopt: error: run r1 still pending after -1 s (is a scheduler running? "
-            "`hmaopt scheduler`, or the embedded `hmaopt serve`)") in err
+
+def test_every_command_that_prints_data_takes_json():
+    from service.cli import build_parser
+
+    for name, parser in _leaves(build_parser()):
+        options = {o for a in parser._actions for o in a.option_strings}
+        assert ("--json" in options) == (name not in NO_DATA), name
+
+
+def test_the_readme_exit_code_table_is_the_error_trees():
+    """README's table of exit codes lists exactly ExitCode, with each group's classes."""
+    import re
+    from pathlib import Path
+
+    from service import errors
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    rows = {int(m.group(1)): m.group(2) for m in
+            re.finditer(r"^\| (\d+) \|(.*)\|$", section, re.MULTILINE)}
+    assert sorted(rows) == sorted(int(c) for c in errors.ExitCode)
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.HmaoptError) and \
+                cls.__name__ in readme:
+            assert f"`{cls.__name__}`" in rows[int(cls.exit_code)], cls.__name__
+
+
+def test_a_search_without_a_feasible_merge_exits_10(tmp_path):
+    """Distinct from an invalid spec (2): the search ran, and --json still prints its result."""
+    import yaml
+
+    from tests.service.test_cli_remote import _noisy_aligned
+    from tests.models import make_tiny_job
+
+    spec = make_tiny_job(tmp_path)
+    spec.update(aligned_model=_noisy_aligned(spec, tmp_path), ratio_bounds=[0.5, 1.0],
+                tax={"budget": 0.0, "tasks": [t for t in spec["tax"]["tasks"]
+                                              if t["type"] == "perplexity"]},
+                search={**spec["search"], "n_trials": 3, "uniform_grid": [0.5, 1.0]})
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**__import__("os").environ, "HMAOPT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = hmaopt("search", str(spec_file), "--json", "--no-progress", env=env)
+    assert proc.returncode == 10, proc.stderr
+    assert json.loads(proc.stdout)["feasible"] is False
+    error = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert error["error"] == "no_feasible_merge" and "raise tax.budget" in error["message"]
+
+
+def test_admin_commands_print_json(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith("HMAOPT_") and k != "DATABASE_URL"}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'h.db'}", HMAOPT_HOME=str(tmp_path))
+    proc = hmaopt("db", "current", "--json", env=env)
+    assert proc.returncode == 6 and json.loads(proc.stdout)["revision"] is None
+    assert "hmaopt db upgrade" in json.loads(proc.stderr)["message"]
+    proc = hmaopt("db", "upgrade", "--json", env=env)
+    head = json.loads(proc.stdout)["after"]
+    assert proc.returncode == 0 and json.loads(proc.stdout)["before"] is None
+    proc = hmaopt("db", "current", "--json", env=env)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["revision"] == head
+    proc = hmaopt("token", "create", "--role", "viewer", "--name", "ci", "--json", env=env)
+    created = json.loads(proc.stdout)
+    assert created["role"] == "viewer" and created["token"].startswith("hmaopt_")
+    proc = hmaopt("token", "revoke", created["id"], "--json", env=env)
+    assert json.loads(proc.stdout)["revoked_at"]
+    listed = json.loads(hmaopt("token", "list", "--json", env=env).stdout)
+    assert [(t["name"], t["revoked_at"] is not None) for t in listed["data"]] == [("ci", True)]
+    assert "token" not in listed["data"][0]
+    proc = hmaopt("token", "revoke", "no-such-id", "--json", env=env)
+    assert proc.returncode == 3 and json.loads(proc.stderr)["error"] == "not_found"

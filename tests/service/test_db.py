@@ -101,7 +101,7 @@ def test_db_upgrade_command(tmp_path):
         return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env,
                               capture_output=True, text=True)
 
-    assert run("db", "current").returncode == 1
+    assert run("db", "current").returncode == 6  # not upgraded: unavailable, as check_schema
     first = run("db", "upgrade")
     assert first.returncode == 0 and "upgraded: empty -> " in first.stdout
     assert "nothing to do" in run("db", "upgrade").stdout

@@ -147,13 +147,13 @@ def test_end_to_end_over_rest(stack, tiny_spec):
 
 
 def _event_ids(stack, job_id, last=None) -> list[str]:
-    from service.client import _parse_sse
+    from httpx_sse import connect_sse
 
     headers = {"Last-Event-ID": last} if last else {}
     with stack.client("viewer") as c:
-        with c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                      params=None if last else {"since": "0"}) as r:
-            return [eid for _e, _d, eid in _parse_sse(r.iter_lines()) if eid]
+        with connect_sse(c, "GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                         params=None if last else {"since": "0"}) as source:
+            return [e.id for e in source.iter_sse() if e.data and e.id]
 
 
 def test_worker_killed_mid_job_resumes_on_another(pg_stack, tiny_spec):
@@ -416,7 +416,7 @@ def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
             [sys.executable, "-m", "service.cli", "submit", str(spec_file),
              "--server", f"http://127.0.0.1:{port}", "--token", "hmaopt_wrong"],
             env=env, capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 1 and "unknown or revoked API token" in bad.stderr
+        assert bad.returncode == 5 and "unknown or revoked API token" in bad.stderr
         # the embedded serve runs the pipeline scheduler: a triggered run is taken up
         (models / "rlhf").mkdir()
         created = httpx.post(f"http://127.0.0.1:{port}/v1/pipelines", json={
@@ -428,7 +428,7 @@ def test_embedded_serve_and_submit_cli(tmp_path, roots, tiny_spec):
             [sys.executable, "-m", "service.cli", "pipeline", "trigger", "nightly", "--wait",
              "--timeout", "60", "--server", f"http://127.0.0.1:{port}", "--token", secret],
             env=env, capture_output=True, text=True, timeout=120)
-        assert trigger.returncode == 2 and "no complete checkpoint" in trigger.stdout, (
+        assert trigger.returncode == 12 and "no complete checkpoint" in trigger.stdout, (
             trigger.stdout + trigger.stderr)
     finally:
         os.killpg(serve.pid, signal.SIGTERM)

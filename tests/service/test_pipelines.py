@@ -598,18 +598,18 @@ def test_pipeline_cli(stack, tiny_spec, roots, tmp_path):
     assert listed.returncode == 0 and "nightly" in listed.stdout and "0 2 * * *" in listed.stdout
     stop = threading.Event()
     start_thread(stack.settings.model_copy(update={"scheduler_seconds": 0.3}), stop)
-    try:  # no checkpoint yet: the run is skipped, exit 2
+    try:  # no checkpoint yet: the run is skipped, exit 12 (no result)
         waited = _cli(stack, "pipeline", "trigger", "nightly", "--wait")
     finally:
         stop.set()
-    assert waited.returncode == 2, (waited.stdout, waited.stderr)
+    assert waited.returncode == 12, (waited.stdout, waited.stderr)
     assert "skipped" in waited.stdout and "no complete checkpoint" in waited.stdout
     runs = _cli(stack, "pipeline", "runs", "nightly")
     assert runs.returncode == 0 and "manual" in runs.stdout and "skipped" in runs.stdout
     back = _cli(stack, "pipeline", "rollback", "nightly")
     assert back.returncode != 0 and "has no champion to roll back" in back.stderr
     missing = _cli(stack, "pipeline", "trigger", "nope", "--wait")
-    assert missing.returncode == 1 and "no pipeline 'nope'" in missing.stderr
+    assert missing.returncode == 3 and "no pipeline 'nope'" in missing.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**_pipeline(tiny_spec, roots, name="x"),
                                    "schedule": {"cron": "every night"}}))

@@ -13,32 +13,42 @@ for the built-in tax tasks.
   ``data_dir``) and ``dataset_path`` are made relative to the YAML's folder, not the working
   directory. The task is then built from that config alone: nothing else is indexed or fetched,
   so it runs offline as long as its data is local.
+- Offline: a ``dataset_path`` that is neither local nor a builder of local files is a
+  SpecError before lm-eval starts, and the run itself has hub access off
+  (workers/evaluate/lmeval_env.py), so nothing is fetched or retried.
+- :func:`check_task` is the worker's check before any model loads: the task built by lm-eval
+  (its data read), the metric, and on the first documents that each target is one of the
+  document's choices. :func:`check_base` refuses a θ_base figure that measures nothing
+  (0, NaN, or the same value on every document), naming the task: a wrong ``doc_to_target``
+  otherwise scores every model 0 and the task adds no tax at all.
 - No stderr bootstrap; samples are logged so that :func:`lm_eval_records` can return the
   per-document values behind a mean metric (its standard error); zero-shot unless the YAML
   sets ``num_fewshot``.
 - ``on_batch`` is called before every forward pass (loglikelihood) and every ``generate`` call
   (generation): once per batch; raising from it stops the evaluation and propagates unchanged.
 - Deterministic for a fixed model: lm-eval's seeds (python, numpy, torch, few-shot sampler) are
-  set for the run and the caller's random states are restored afterwards. lm-eval's logging is
-  kept at WARNING and its progress bars are off.
+  set for the run and the caller's random states are restored afterwards. lm-eval's warnings
+  are collected and summarised once (lmeval_env.collected); its progress bars are off.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import random
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from service.errors import DependencyUnavailableError, EvaluationError, SpecError
+from service.lmeval_task import LOCAL_BUILDERS
+from workers.evaluate.lmeval_env import (LAST_WARNINGS, SEED, collected, describe, offline,
+                                         quiet_bars, seeded)
 
 _INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'hmaopt[lmeval]'"
-#: lm-eval's default seeds (simple_evaluate): python 0, numpy / torch / few-shot 1234
-_PY_SEED, _SEED = 0, 1234
 _GLOB_CHARS = frozenset("*?[")
+#: documents whose target :func:`check_task` checks against their choices
+CHECKED_DOCS = 50
 
 
 def lm_eval_metric(model, tokenizer, task_yaml: str | Path, *, metric: str | None = None,
@@ -61,11 +71,7 @@ def lm_eval_records(model, tokenizer, task_yaml: str | Path, *, metric: str | No
                     ) -> tuple[float, bool, list[float] | None]:
     """:func:`lm_eval_metric` with the per-document values behind the figure, in document
     order, where lm-eval gives them (a metric aggregated by its mean; None otherwise)."""
-    path = Path(task_yaml).expanduser()
-    if not path.is_file():
-        raise SpecError(f"lm-eval task file {str(path)!r} does not exist or is not a file")
-    lm_eval = _import_lm_eval()
-    config = _read_config(path, lm_eval)
+    path, lm_eval, config = _prepare(task_yaml)
     name = config["task"]
 
     hook_errors: list[BaseException] = []
@@ -78,16 +84,8 @@ def lm_eval_records(model, tokenizer, task_yaml: str | Path, *, metric: str | No
                 hook_errors.append(exc)
                 raise
 
-    with _quiet(), _seeded():
-        try:
-            loaded = lm_eval["TaskManager"](include_defaults=False).load([config])
-            task = loaded["tasks"][name]
-        except Exception as exc:
-            raise EvaluationError(f"lm-eval task {name!r} ({path}) could not be loaded: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        if task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=_SEED)
+    with collected(name, key=str(path.resolve())), quiet_bars(), seeded(), offline():
+        loaded, task = _load_task(lm_eval, config, path)
         metric_name, wanted = _pick_metric(task.higher_is_better(), metric, path, name)
 
         was_training = model.training
@@ -115,6 +113,95 @@ def lm_eval_records(model, tokenizer, task_yaml: str | Path, *, metric: str | No
     if higher is None:
         raise EvaluationError(f"lm-eval task {name!r} did not say whether higher {metric_name!r} is better")
     return value, bool(higher), _per_doc(results, name, key, metric_name, value)
+
+
+def check_task(task_yaml: str | Path, *, metric: str | None = None, limit: int | None = None,
+               label: str | None = None) -> str:
+    """The worker's check of a task before any model loads (see the module docstring);
+    returns the lm-eval task's name. ``label`` (the tax task) goes into the messages."""
+    path, lm_eval, config = _prepare(task_yaml)
+    name = config["task"]
+    what = f"{label}: lm-eval task {name!r} ({path})" if label else f"lm-eval task {name!r} ({path})"
+    with collected(name), quiet_bars(), seeded(), offline():
+        _, task = _load_task(lm_eval, config, path)
+        _pick_metric(task.higher_is_better(), metric, path, name)
+        try:
+            docs = list(task.eval_docs)[:min(CHECKED_DOCS, limit or CHECKED_DOCS)]
+        except Exception as exc:
+            raise EvaluationError(f"{what}: its documents cannot be read: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if not docs:
+            raise SpecError(f"{what} has no documents to evaluate")
+        if task.OUTPUT_TYPE == "multiple_choice":
+            for i, doc in enumerate(docs):
+                try:
+                    target, choices = task.doc_to_target(doc), task.doc_to_choice(doc)
+                except Exception as exc:
+                    raise SpecError(f"{what}: document {i}: doc_to_target / doc_to_choice "
+                                    f"fail: {type(exc).__name__}: {exc}") from exc
+                ok = (0 <= target < len(choices) if isinstance(target, int)
+                      else target in choices if isinstance(target, str) else True)
+                if not ok:
+                    raise SpecError(f"{what}: document {i}: its target {target!r} "
+                                    f"(doc_to_target) is not one of its {len(choices)} "
+                                    "choices; check doc_to_target and doc_to_choice")
+    return name
+
+
+def check_base(label: str, task_yaml: str | Path, value: float,
+               per_doc: list[float] | None) -> None:
+    """EvaluationError naming the task when θ_base's figure measures nothing: not finite, 0,
+    or the same on every document (more than one): then no merge can show a tax on it."""
+    where = f"{label} (lm-eval {task_yaml})"
+    warned = LAST_WARNINGS.get(str(Path(task_yaml).expanduser().resolve()))
+    hint = (" lm-eval warned: " + describe(warned) + ".") if warned else ""
+    fix = (" Check the task's doc_to_target, doc_to_choice and metric against its data "
+           "(a wrong doc_to_target scores every model 0).")
+    if not math.isfinite(value):
+        raise EvaluationError(f"{where}: θ_base's figure is {value}: the task measures "
+                              f"nothing.{fix}{hint}")
+    if value == 0:
+        raise EvaluationError(f"{where}: θ_base scores 0: the task cannot show a loss "
+                              f"against it (its tax would be 0 for every merge).{fix}{hint}")
+    if per_doc is not None and len(per_doc) > 1 and len(set(per_doc)) == 1:
+        raise EvaluationError(f"{where}: θ_base scores {per_doc[0]:g} on each of its "
+                              f"{len(per_doc)} documents: the task cannot tell models apart."
+                              f"{fix}{hint}")
+
+
+def _prepare(task_yaml: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(path, lm-eval's entry points, the task's config): the file checked, the config read
+    and its data confirmed local."""
+    path = Path(task_yaml).expanduser()
+    if not path.is_file():
+        raise SpecError(f"lm-eval task file {str(path)!r} does not exist or is not a file")
+    lm_eval = _import_lm_eval()
+    config = _read_config(path, lm_eval)
+    dataset_path = config.get("dataset_path")
+    if (isinstance(dataset_path, str) and dataset_path not in LOCAL_BUILDERS
+            and not Path(dataset_path).expanduser().exists()):
+        raise SpecError(f"lm-eval task file {str(path)!r}: dataset_path {dataset_path!r} is "
+                        "not a local file or folder: it names a hub data set, and hmaopt runs "
+                        "lm-eval offline; put the data in the data roots and name local "
+                        "files (dataset_path: json, dataset_kwargs.data_files)")
+    return path, lm_eval, config
+
+
+def _load_task(lm_eval: dict[str, Any], config: dict[str, Any], path: Path):
+    """(lm-eval's task dict, the task) built from ``config`` alone, zero-shot by default."""
+    name = config["task"]
+    try:
+        loaded = lm_eval["TaskManager"](include_defaults=False).load([config])
+        task = loaded["tasks"][name]
+    except Exception as exc:
+        offline_hint = (" (hmaopt runs lm-eval offline: its data must be local files)"
+                        if "offline" in f"{type(exc).__name__} {exc}".lower() else "")
+        raise EvaluationError(f"lm-eval task {name!r} ({path}) could not be loaded: "
+                              f"{type(exc).__name__}: {exc}{offline_hint}") from exc
+    if task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=SEED)
+    return loaded, task
 
 
 def _per_doc(results: dict, name: str, key: str, metric_name: str,
@@ -280,64 +367,3 @@ def _make_lm(lm_eval: dict[str, Any], model, tokenizer, batch_size: int, hook: C
         return HookedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
     finally:
         hf_logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """lm-eval's loggers at WARNING at most, no progress bars from it or from datasets."""
-    import lm_eval.api.task as task_module
-
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    if logger.getEffectiveLevel() < logging.WARNING:
-        logger.setLevel(logging.WARNING)
-    # Task.build_all_requests shows a bar that no argument turns off.
-    tqdm = getattr(task_module, "tqdm", None)
-    tqdm = getattr(tqdm, "hmaopt_original", tqdm)
-    if tqdm is not None:
-        def silent(*args, **kwargs):
-            return tqdm(*args, **{**kwargs, "disable": True})
-
-        silent.hmaopt_original = tqdm
-        task_module.tqdm = silent
-    bars_were_on = _datasets_bars(False)
-    try:
-        yield
-    finally:
-        if tqdm is not None:
-            task_module.tqdm = tqdm
-        if bars_were_on:
-            _datasets_bars(True)
-        logger.setLevel(level)
-
-
-def _datasets_bars(on: bool) -> bool:
-    """Turn datasets' progress bars on/off; whether they were on."""
-    try:
-        import datasets
-    except ImportError:
-        return False
-    was_on = not datasets.are_progress_bars_disabled()
-    (datasets.enable_progress_bars if on else datasets.disable_progress_bars)()
-    return was_on
-
-
-@contextlib.contextmanager
-def _seeded():
-    """lm-eval's default seeds for the run; the caller's random states back afterwards."""
-    import numpy as np
-    import torch
-
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    random.seed(_PY_SEED)
-    np.random.seed(_SEED)
-    torch.manual_seed(_SEED)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
