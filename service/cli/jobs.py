@@ -127,7 +127,9 @@ def format_job(job: dict, dashboard: str) -> str:
         lines.append(f"  best        reward {best['reward']:.4f}  tax {best['tax']:.4f}  "
                      f"(trial {best['trial']}; ratio = weight on the ALIGNED model) {ratios}")
     if base:
-        lines.append(f"  uniform     alpha={base['ratio']:g}  reward {base['reward']:.4f}")
+        alpha = "-" if base["ratio"] is None else f"{base['ratio']:g}"
+        lines.append(f"  uniform     alpha={alpha}  reward {base['reward']:.4f}  tax "
+                     f"{fixed(base['tax'])}")
     if job["gain"] is not None:
         lines.append(f"  gain        {job['gain']:+.4f} reward over the best uniform alpha")
     if job.get("error"):

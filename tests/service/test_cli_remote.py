@@ -131,6 +131,9 @@ def test_missing_jobs_and_pipelines_exit_3(capsys, server, files):
                              "--token", server.tokens["admin"], "--json")
         assert (code, _json_error(err)["error"]) == (ExitCode.NOT_FOUND, "not_found"), (name, err)
         assert out == ""
+    code, out, err = cli(capsys, "jobs", "list", "--server", server.url,
+                         "--token", server.tokens["viewer"])
+    assert (code, out, err.strip()) == (0, "", "no jobs")
 
 
 def test_the_same_invalid_spec_exits_2_from_search_and_submit(capsys, server, tmp_path):
@@ -183,6 +186,8 @@ def test_conflicts_exit_4_and_a_cancelled_wait_exits_12(capsys, server, files, t
     assert code == 0 and json.loads(out)["status"] == "cancelled"
     code, _, err = cli(capsys, "jobs", "cancel", job_id, *op)
     assert code == 4 and "Traceback" not in err
+    code, out, _ = cli(capsys, "jobs", "show", job_id, *op)
+    assert code == 0 and f"job {job_id}  tiny  cancelled" in out and "0/6 finished" in out
     code, _, err = cli(capsys, "jobs", "export", job_id, "--dir", "out", *op, "--json")
     assert code == 4 and "no feasible trial" in _json_error(err)["message"]
     # submit --wait follows a job that gets cancelled: exit 12, the job on stdout

@@ -21,9 +21,16 @@ def test_demo_runs_the_world_job_over_rest(tmp_path, world):
     assert "reusing the reference world" in proc.stdout
     assert "embedded stack up" in proc.stderr and "submitted job" in proc.stderr
     assert "best ratios" in proc.stdout and "gain" in proc.stdout
-    url = re.search(r"job (http://127\.0\.0\.1:\d+/v1/jobs/\w+)", proc.stdout)
-    assert url, proc.stdout
-    job_id = url.group(1).rsplit("/", 1)[1]
+    # the job's dashboard page, how to sign in, and that the page stops with the demo
+    page = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/ui/jobs/(\w+)) was up while the "
+                     r"demo ran; its server stops now", proc.stdout)
+    assert page, proc.stdout
+    job_id = page.group(2)
+    token_file = tmp_path / "demo" / "service" / "demo.token"
+    assert f"sign in with the token in {token_file}" in proc.stdout
+    assert f"HMAOPT_HOME={tmp_path / 'demo' / 'service'} hmaopt serve" in proc.stdout
+    assert "/v1/jobs/" not in proc.stdout + proc.stderr  # no JSON endpoint for a person
+    assert f"watch it live at {page.group(1)}" in proc.stderr
     # the study is in the embedded SQLite file, readable by Optuna
     import optuna
 
