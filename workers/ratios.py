@@ -1,13 +1,19 @@
 """Ratio-vector parametrisations for the search.
 
-Free ratios: one Optuna parameter per slot, ``ratio_<i>``, within ``ratio_bounds``.
+Free ratios: one Optuna parameter per slot, named as the slot (``block0``, ``layer3``,
+``block0.attn``, ``all``: workers/grouping.py), within ``ratio_bounds``; so optuna-dashboard
+and ``optuna.load_study`` show the names the service's pages, results and exports show.
 
 The paper's constraint (``mean_ratio``: the mean of the ratios is fixed) is built into the
-parametrisation: the sampler proposes free weights ``w_<i>`` in the bounds, and the ratio
+parametrisation: the sampler proposes free weights ``w:<slot>`` in the bounds, and the ratio
 vector is their Euclidean projection onto {r : mean(r) = m, low <= r_i <= high}, i.e.
 ``r_i = clip(w_i + t, low, high)`` with the shift ``t`` that makes the mean exactly ``m``.
 Every proposal is therefore feasible for the constraint, and a proposal that already
 satisfies it is kept unchanged.
+
+Studies begun by an earlier hmaopt named the parameters by position (``ratio_<i>``, ``w_<i>``:
+:func:`legacy_param_names`; their stored job lists no ``params``); such a study resumes under
+its own names (workers/search.py).
 """
 
 from __future__ import annotations
@@ -41,17 +47,35 @@ def project_mean(weights: Sequence[float], mean: float, low: float, high: float)
     return ratios
 
 
-class RatioSpace:
-    """Turns an Optuna trial into a ratio vector, and a uniform ratio into enqueued params."""
+def param_names(slots: Sequence[str], mean_ratio: float | None) -> list[str]:
+    """The Optuna parameter names of ``slots``: the slot names (``w:<slot>`` under
+    ``mean_ratio``, where the parameter is a weight before the projection, not the ratio)."""
+    return list(slots) if mean_ratio is None else [f"w:{s}" for s in slots]
 
-    def __init__(self, slots: Sequence[str], bounds: tuple[float, float], mean_ratio: float | None):
+
+def legacy_param_names(slots: Sequence[str], mean_ratio: float | None) -> list[str]:
+    """The names earlier studies gave the parameters: ``ratio_<i>`` (``w_<i>``)."""
+    prefix = "ratio" if mean_ratio is None else "w"
+    return [f"{prefix}_{i}" for i in range(len(slots))]
+
+
+class RatioSpace:
+    """Turns an Optuna trial into a ratio vector, and a uniform ratio into enqueued params.
+
+    ``names``: the parameter names, one per slot (default :func:`param_names`; a resumed
+    study passes the names it was begun with)."""
+
+    def __init__(self, slots: Sequence[str], bounds: tuple[float, float], mean_ratio: float | None,
+                 names: Sequence[str] | None = None):
         self.slots = tuple(slots)
         self.low, self.high = bounds
         self.mean_ratio = mean_ratio
-        self.prefix = "ratio" if mean_ratio is None else "w"
+        self.names = tuple(names) if names is not None else tuple(param_names(slots, mean_ratio))
+        if len(self.names) != len(self.slots):
+            raise ValueError(f"{len(self.names)} parameter names for {len(self.slots)} slots")
 
     def param_names(self) -> list[str]:
-        return [f"{self.prefix}_{i}" for i in range(len(self.slots))]
+        return list(self.names)
 
     def suggest(self, trial) -> list[float]:
         values = [trial.suggest_float(name, self.low, self.high) for name in self.param_names()]

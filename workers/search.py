@@ -7,8 +7,8 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
     ratios = RatioSpace.suggest(trial)         # one ratio per group slot, in ratio_bounds
     LiveMerger.apply(ratios)                   # in place, on the device
     JobEvaluator.evaluate(budget, ...)         # stage 1 tax -> prune? -> stage 2 + reward
-    trial.set_constraint("tax", tax - budget)  # feasible when tax <= budget
-    study.tell(trial, reward | [reward, tax])  # or PRUNED with the partial figures
+    set_tax_constraint(bound - budget)         # feasible when tax's bound <= budget
+    study.tell(trial, told_values(...))        # reward | [reward, tax]; or PRUNED
 
 - The uniform baseline (vanilla averaging on a grid of α) is enqueued first and evaluated
   in full (never pruned), so the baseline curve is complete and a job's answer is never
@@ -16,8 +16,13 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
 - ``mode: constrained`` maximises the reward; ``mode: pareto`` maximises the reward and
   minimises the tax (Optuna's Pareto front, constrained to the budget).
 - Samplers: tpe (default, multivariate), gp, cmaes, nsga2, random, all seeded. TPE, GP and
-  NSGA-II use the constraint; CMA-ES ignores Optuna constraints, so it is told the reward
-  minus a penalty proportional to the excess tax (the ``reward`` attribute stays true).
+  NSGA-II use the constraint; CMA-ES ignores Optuna constraints. Every sampler is told, for
+  an infeasible trial, a value under the best feasible reward, less a penalty proportional
+  to the excess tax (workers/study.py :func:`told_values`: so optuna-dashboard, which ranks by
+  value alone, never calls it best); the ``reward`` and ``tax`` attributes stay true.
+- Optuna's view: parameters named as the slots (workers/ratios.py; a study begun with
+  positional names keeps them), metric names ``reward`` (and ``tax``), the constraint in
+  the system attribute both Optuna and optuna-dashboard read.
 - Warm start: ``search.warm_start`` vectors run right after the baseline; with
   ``warm_start_refine`` the search then steps along the first vector's ray (ratios times a
   scale) to where the tax meets the budget (workers/ray.py; :meth:`Search.refine_warm_start`
@@ -58,21 +63,19 @@ from service.spec import JobSpec
 from service.stats import upper_bound
 from workers.answer import choose, part_dict
 from workers.job import load_job, measure_base
-from workers.ratios import RatioSpace
+from workers.ratios import RatioSpace, legacy_param_names, param_names
 from workers.stages import Stages
 from workers.results import (RATIO_CONVENTION, SearchResult, TrialRecord, best_of, jsonable,
                              pareto_of, summary)
-from workers.study import (STUDY_PREFIX, fail_stale_trials, make_sampler, storage_at,
-                           study_name)
+from workers.study import (STUDY_PREFIX, best_feasible_reward, fail_stale_trials, make_sampler,
+                           set_metric_names, set_tax_constraint, storage_at, study_name,
+                           told_values)
 
 __all__ = ["STUDY_PREFIX", "Search", "SearchResult", "TrialHooks", "TrialRecord",
            "fail_stale_trials", "jsonable", "load_job", "make_sampler", "measure_base",
            "storage_at", "run_search", "study_name"]
 
 log = logging.getLogger(__name__)
-
-#: CMA-ES only: penalty per unit of excess tax, in units of the baseline's reward spread
-CMAES_PENALTY = 10.0
 
 #: seconds a driver that found no free trial (others still running) waits before looking again
 IDLE_POLL_SECONDS = 0.5
@@ -124,7 +127,6 @@ class Search:
         self.merger = merger
         self.evaluator = evaluator
         self.slots = list(merger.grouping.slots)
-        self.space = RatioSpace(self.slots, spec.ratio_bounds, spec.mean_ratio)
         self.grid = spec.uniform_grid()
         self.storage_url = safe_url(getattr(storage, "url", storage))
         self.live_running = live_running
@@ -156,16 +158,22 @@ class Search:
                 update={"baseline": "grid"})})
             self.spec = spec
         baseline = self.grid if spec.baseline_mode() == "grid" else "bisection"
+        # a study begun with positional parameter names (ratio_0...) resumes under them
+        legacy = stored is not None and "params" not in stored
+        names = (legacy_param_names if legacy else param_names)(self.slots, spec.mean_ratio)
         job = {"version": __version__, "spec": spec.model_dump(mode="json"),
                "slots": self.slots, "budget": spec.tax.budget, "mode": spec.mode,
-               "uniform_grid": baseline, "ratio_convention": RATIO_CONVENTION}
+               "uniform_grid": baseline, "ratio_convention": RATIO_CONVENTION,
+               "params": names}
         if stored is not None:
-            changed = [k for k in ("slots", "budget", "mode", "uniform_grid")
-                       if stored.get(k) != job[k]]
+            changed = [k for k in ("slots", "budget", "mode", "uniform_grid", "params")
+                       if stored.get(k, names if k == "params" else None) != job[k]]
             if changed:
                 raise ConflictError(f"study {self.name!r} was run with another {', '.join(changed)}: "
                                     "a resumed study must keep them; start a new study (--study)")
+        self.space = RatioSpace(self.slots, spec.ratio_bounds, spec.mean_ratio, names=names)
         self.study.set_user_attr("hmaopt", job)
+        set_metric_names(self.study, spec.mode)
         #: this process's search-data measurements by trial number (per-record values)
         self.measured: dict[int, object] = {}
         self.stages = Stages(self)
@@ -281,7 +289,7 @@ class Search:
                      "n_reward": m.n_reward, "n_tax": m.n_tax, "tax_bound": bound}
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            trial.set_constraint("tax", bound - budget)
+            set_tax_constraint(self.storage, self.study_id, trial.number, bound - budget)
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL)
             raise
@@ -294,19 +302,12 @@ class Search:
             warnings.filterwarnings("ignore", message="Constraints have been set")
             if m.pruned:
                 self.study.tell(trial, state=TrialState.PRUNED)
-            elif spec.mode == "pareto":
-                self.study.tell(trial, [m.reward, m.tax])
             else:
-                self.study.tell(trial, self._objective(m.reward, m.tax))
+                best, spread = best_feasible_reward(self.records()) if not feasible else (0, 0)
+                self.study.tell(trial, told_values(
+                    spec.mode, reward=m.reward, tax=m.tax, bound=bound, budget=budget,
+                    feasible=feasible, best_feasible=best, spread=spread))
         return record
-
-    def _objective(self, reward: float, tax: float) -> float:
-        if self.spec.search.sampler != "cmaes" or tax <= self.spec.tax.budget:
-            return reward
-        rewards = [r.reward for r in self.records() if r.kind == "uniform" and r.reward is not None]
-        spread = (max(rewards) - min(rewards)) if len(rewards) > 1 else 1.0
-        excess = (tax - self.spec.tax.budget) / max(self.spec.tax.budget, 1e-3)
-        return reward - CMAES_PENALTY * max(spread, 1e-6) * excess
 
     # ------------------------------------------------------------------ results
 

@@ -1,5 +1,24 @@
-"""Optuna plumbing of a job's study: its name, its storage, its seeded sampler, and the one
-function that fails the trials dead workers left RUNNING.
+"""Optuna plumbing of a job's study: its name, its storage, its seeded sampler, its metric
+names, what a trial tells Optuna (values and the tax constraint), and the one function that
+fails the trials dead workers left RUNNING.
+
+What Optuna is told, so that tools reading the study without hmaopt (``optuna.load_study``,
+optuna-dashboard 0.21) see feasibility and the right best trial:
+
+- the constraint ``tax_bound - budget`` (feasible when <= 0) goes in the trial system
+  attribute ``constraints`` as a one-value list (:func:`set_tax_constraint`): the form both
+  Optuna's samplers and optuna-dashboard read. Optuna 5's ``trial.set_constraint("tax", v)``
+  writes ``constraints:tax``, which optuna-dashboard 0.21 does not read; writing both would
+  make Optuna count two constraints (GPSampler fits one model per constraint);
+- a feasible trial is told its reward (pareto mode: reward and tax). optuna-dashboard picks
+  its best trial by value alone (single objective: the storage's highest value; pareto: the
+  non-dominated complete trials), constraints ignored, so an infeasible trial is told a value
+  ranked below every feasible one (:func:`told_values`): a reward under the best feasible
+  reward by a penalty that grows with the excess tax (-inf while no trial is feasible) and, in
+  pareto mode, its tax upper bound (over the budget) as its tax. TPE and NSGA-II rank
+  infeasible trials by their violation alone, so this changes nothing for them; CMA-ES, which
+  ignores constraints, learns the penalty from it. The true reward and tax stay in the user
+  attributes ``reward`` and ``tax``.
 
 No model is needed here, so the dead-worker recovery (workers/recovery.py) opens a study
 through this module without loading the search.
@@ -7,8 +26,9 @@ through this module without loading the search.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import optuna
@@ -19,6 +39,12 @@ from service.spec import JobSpec
 
 #: prefix of every study hmaopt creates; :func:`study_name` is the one builder of names
 STUDY_PREFIX = "hmaopt"
+#: the trial system attribute of the constraint values (a list): what optuna-dashboard reads
+#: (its CONSTRAINTS_KEY) and Optuna still reads beside its ``constraints:<name>`` form
+CONSTRAINTS_ATTR = "constraints"
+#: an infeasible trial's value is lowered by this many units of the reward spread of the
+#: uniform baseline per budget of excess tax (:func:`told_values`)
+INFEASIBLE_PENALTY = 10.0
 
 
 def study_name(key: str) -> str:
@@ -49,6 +75,55 @@ def make_sampler(spec: JobSpec):
         return optuna.samplers.NSGAIISampler(seed=s.seed,
                                              population_size=max(8, min(50, s.n_trials // 4)))
     return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def metric_names(mode: str) -> list[str]:
+    """The study's metric names, one per objective (optuna-dashboard's axis titles)."""
+    return ["reward"] if mode == "constrained" else ["reward", "tax"]
+
+
+def set_metric_names(study: optuna.Study, mode: str) -> None:
+    """Name the study's objectives (``study.set_metric_names`` is marked experimental)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names(mode))
+
+
+def set_tax_constraint(storage: optuna.storages.BaseStorage, study_id: int, number: int,
+                       value: float) -> None:
+    """Store trial ``number``'s tax constraint (``value`` <= 0: feasible) in the list form
+    that Optuna and optuna-dashboard both read (the module docstring says why not
+    ``set_constraint``). Call it before the trial is told."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_trial_system_attr(trial_id, CONSTRAINTS_ATTR, [float(value)])
+
+
+def told_values(mode: str, *, reward: float, tax: float, bound: float, budget: float,
+                feasible: bool, best_feasible: float, spread: float) -> list[float]:
+    """The values a complete trial tells Optuna. Feasible: its reward (and tax in pareto mode).
+    Infeasible (``bound`` > ``budget``): ``min(reward, best_feasible)`` less
+    INFEASIBLE_PENALTY x ``spread`` per budget of excess, strictly under ``best_feasible``
+    (the best feasible reward so far, -inf when none), and in pareto mode ``bound`` as its
+    tax: every feasible trial's tax is at most the budget, so the best feasible trial
+    dominates it."""
+    value = reward
+    if not feasible:
+        excess = (bound - budget) / max(budget, 1e-3)
+        value = min(reward, best_feasible) - INFEASIBLE_PENALTY * max(spread, 1e-6) * max(excess, 0.0)
+        if value >= best_feasible:
+            value = math.nextafter(best_feasible, -math.inf)
+    if mode == "constrained":
+        return [value]
+    return [value, tax if feasible else max(tax, bound)]
+
+
+def best_feasible_reward(records: Sequence) -> tuple[float, float]:
+    """(the best feasible reward, -inf when none; the reward spread of the uniform baseline,
+    1 with fewer than two points) of trial records (workers/results.py TrialRecord)."""
+    feasible = [r.reward for r in records if r.feasible and r.reward is not None]
+    uniform = [r.reward for r in records if r.kind == "uniform" and r.reward is not None]
+    spread = (max(uniform) - min(uniform)) if len(uniform) > 1 else 1.0
+    return (max(feasible) if feasible else -math.inf), spread
 
 
 def fail_stale_trials(study: optuna.Study, dead: Callable[[str], bool],

@@ -5,7 +5,7 @@ import random
 import optuna
 import pytest
 
-from workers.ratios import RatioSpace, project_mean
+from workers.ratios import RatioSpace, legacy_param_names, project_mean
 
 
 def test_projection_keeps_mean_and_bounds():
@@ -37,4 +37,8 @@ def test_space_with_optuna_trials():
     assert seen[0] == pytest.approx([0.2, 0.2, 0.2])
     assert all(sum(r) / 3 == pytest.approx(0.2) for r in seen)
     free = RatioSpace(["a", "b"], (0.0, 0.5), None)
-    assert free.param_names() == ["ratio_0", "ratio_1"]
+    assert free.param_names() == ["a", "b"]  # the slot names
+    assert space.param_names() == ["w:block0", "w:block1", "w:block2"]  # weights, not ratios
+    assert RatioSpace(["a", "b"], (0.0, 0.5), None,
+                      names=legacy_param_names(["a", "b"], None)).param_names() == \
+        ["ratio_0", "ratio_1"]  # a study begun before the slot names
