@@ -39,6 +39,7 @@ def part_dict(m, budget: float, confidence: float | None) -> dict:
     """A measurement on the validation or holdout data, as the result shows it."""
     return {"reward": m.reward, "reward_se": m.reward_se, "tax": m.tax, "tax_se": m.tax_se,
             "n_reward": m.n_reward, "n_tax": m.n_tax, "held_out": m.held_out,
+            "from_search_data": m.from_search_data,
             "feasible": upper_bound(m.tax, m.tax_se, confidence) <= budget,
             "metrics": m.metrics}
 
@@ -154,8 +155,9 @@ def _held_out(answer: Answer, search, measure, budget: float, confidence: float 
                     f"the holdout gain {g.mean:.4g} has a 95 % interval [{g.lo:.4g}, "
                     f"{g.hi:.4g}] that includes 0 (n = {g.n})")
     if not h["held_out"]:
-        answer.flag("not_held_out", "some holdout figures are measured on the search data "
-                                    "(sets that cannot be split, such as lm-eval tasks)")
+        answer.flag("not_held_out", "some holdout figures are measured on the search data: "
+                    f"{', '.join(h['from_search_data'])} (sets that cannot be split: lm-eval "
+                    "tasks, sets too small)")
 
 
 def _paired(a, b) -> Interval | None:

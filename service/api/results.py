@@ -50,6 +50,8 @@ class PartFigures(_Stored):
     n_tax: int | None = None
     held_out: bool = Field(True, description="false: some figures are from the search data "
                            "(sets that cannot be split, such as lm-eval tasks)")
+    from_search_data: list[str] = Field([], description="the sets whose figures here are "
+                                        "their search data: tax task names, `reward`")
     feasible: bool = Field(description="tax (its upper bound at tax.confidence) <= budget")
     metrics: dict[str, float | None] = {}
 

@@ -171,6 +171,8 @@ def format_summary(r: dict) -> str:
             tax += f" ± {d['tax_se']:.2g}"
         n = f"  (n {d['n_reward']} prompts, {d['n_tax']} items)" if d.get("n_reward") else ""
         over = "" if d.get("feasible", True) else "  OVER BUDGET"
+        if d.get("held_out") is False:  # lm-eval tasks and sets too small are not split
+            over += f"  (search data: {', '.join(d.get('from_search_data') or ['some sets'])})"
         return f"  {label:<14}reward {reward}  tax {tax}{n}{over}"
 
     def interval(ci) -> str:

@@ -59,7 +59,8 @@ class Measurement:
     ``reward_se``, ``tax_se``: standard errors (None where a figure has no spread to
     estimate it from: one record, a python reward, an lm-eval metric without per-document
     values); ``n_reward``, ``n_tax``: the records behind each; ``held_out``: False when a
-    figure of a held-out part had to use the search data (unsplit sets); ``records``: the
+    figure of a held-out part had to use the search data (unsplit sets), and
+    ``from_search_data`` names those sets (tax task names, ``reward``); ``records``: the
     per-record values (reward per prompt, per task its PerRecord), not serialised.
     """
 
@@ -75,6 +76,7 @@ class Measurement:
     n_reward: int = 0
     n_tax: int = 0
     held_out: bool = True
+    from_search_data: list[str] = field(default_factory=list)
     records: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -246,14 +248,14 @@ class JobEvaluator:
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, not {part!r}")
         started = time.perf_counter()
-        pairs, lm_values, unsplit = {}, {}, False
+        pairs, lm_values, unsplit = {}, {}, []
         for name, task in self.tasks.items():
             if task.spec.type == "lm_eval":
                 lm_values[name] = self._lm_eval(task.spec, on_batch)
             elif task.slices[part]:
                 pairs[name] = (self._records(task, part, on_batch), self.base[name][part])
             else:  # too small to split: its search records stand in
-                unsplit = True
+                unsplit.append(name)
                 merged = PerRecord()
                 base = PerRecord()
                 for s in ("stage1", "stage2"):
@@ -262,7 +264,8 @@ class JobEvaluator:
                         base = base + self.base[name][s]
                 pairs[name] = (merged, base)
         result = self._combine(pairs, lm_values)
-        result.held_out = not lm_values and not unsplit
+        result.from_search_data = [*lm_values, *unsplit]  # lm-eval tasks are never split
+        result.held_out = not result.from_search_data
         self._reward_into(result, part, on_batch)
         result.seconds = time.perf_counter() - started
         return result
@@ -321,6 +324,7 @@ class JobEvaluator:
             m.records["reward"] = values
         if part != "search" and not own:
             m.held_out = False
+            m.from_search_data.append("reward")
 
     # ------------------------------------------------------------------ helpers
 

@@ -160,3 +160,27 @@ def test_a_broken_task_stops_the_search_before_the_models_load(tmp_path):
     shutil.rmtree(raw["base_model"])  # never reached: the task is checked first
     with pytest.raises(SpecError, match="tax task 'harness'.*not one of its 3 choices"):
         run_search(JobSpec.model_validate(raw), device="cpu")
+
+
+def test_an_lm_eval_task_is_marked_not_held_out_wherever_holdout_figures_appear(tmp_path):
+    """lm-eval tasks are never split: their validation and holdout figures are their search
+    figures, and the result, its flag and the CLI summary say so by name."""
+    from service.api.results import PartFigures
+    from service.cli.helpers import format_summary
+    from workers.search import jsonable, run_search
+
+    raw = make_tiny_job(tmp_path / "job")
+    raw["tax"]["tasks"].append({"name": "harness", "type": "lm_eval",
+                                "data": str(_task(tmp_path))})
+    raw["tax"]["budget"] = 5.0  # feasible whatever the random models do
+    result = jsonable(run_search(JobSpec.model_validate(raw), device="cpu").to_dict())
+    for part in (result["best"]["validation"], result["best"]["holdout"],
+                 result["best_uniform"]["holdout"]):
+        assert part["held_out"] is False and part["from_search_data"] == ["harness"]
+        assert PartFigures.model_validate(part).from_search_data == ["harness"]
+    flag = next(f for f in result["flags"] if f["code"] == "not_held_out")
+    assert "search data: harness" in flag["message"]
+    holdout_lines = [line for line in format_summary(result).splitlines()
+                     if line.strip().startswith(("validation", "holdout"))]
+    assert holdout_lines and all(line.endswith("(search data: harness)") for line in holdout_lines
+                                 if "reward" in line)
