@@ -60,8 +60,7 @@ class RatioGradient:
         hooks, was = [], [p.requires_grad for p, _ in self.params]
 
         def contract(param, e) -> None:
-            g = param.grad.reshape(-1).float()
-            d = float(g @ e.aligned.reshape(-1).float() - g @ e.base.reshape(-1).float())
+            d = self.merger.delta_dot(e, param.grad)
             self._credit(e.name, d, grads)
             param.grad = None  # one tensor's gradient alive at a time
 

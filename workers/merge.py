@@ -1,8 +1,9 @@
 """The merge: ``merged = torch.lerp(base, aligned, ratio)``, per tensor, by group ratio.
 
 :func:`lerp_merge` is the one implementation of the formula. :class:`LiveMerger` keeps the
-base and aligned weights resident once on the device and, for each new ratio vector, writes
-the merge into a live model's parameters in place: no allocation per trial, no disk.
+base and aligned weights resident once (on the device, or in host memory: the memory modes
+of workers/placement.py) and, for each new ratio vector, writes the merge into a live
+model's parameters in place: no allocation per trial, no disk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from service.spec import GroupSpec
 from workers.checkpoint import Checkpoint, check_compatible
 from workers.device import pick_device
 from workers.grouping import Grouping, build_grouping
+from workers.placement import (choose_memory, device_capacity, parse_devices,
+                               parse_max_memory, plan_device_map)
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +69,24 @@ class _Entry:
 class LiveMerger:
     """Writes merges into a live model in place; base and aligned stay resident once.
 
-    Memory: the live model plus one copy each of the base and aligned weights (3x the model),
-    all on ``device``. :meth:`apply` allocates nothing.
+    ``memory="device"``: the live model plus one copy each of the base and aligned weights
+    (3x the model), each beside its live tensor. ``memory="host"``: base and aligned in host
+    memory (pinned for CUDA), streamed to the live tensor's device through one staging buffer
+    per device at each merge. :meth:`apply` allocates nothing in either mode, and both give
+    the same merged weights bit for bit (the same ``torch.lerp`` on the same device).
     """
 
     def __init__(self, model: torch.nn.Module, aligned_state: dict[str, torch.Tensor],
-                 grouping: Grouping) -> None:
+                 grouping: Grouping, *, memory: str = "device") -> None:
+        if memory not in ("device", "host"):
+            raise MergeError(f"memory mode {memory!r}: use device or host (auto is resolved "
+                             "by LiveMerger.load)")
         self.model = model
         self.grouping = grouping
+        self.memory = memory
         self.entries: list[_Entry] = []
+        #: host mode: one flat buffer per device and dtype, the size of its largest tensor
+        self._staging: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         for name, live in _unique_tensors(model):
             if name not in aligned_state:
                 raise MergeError(f"the aligned model has no tensor {name}")
@@ -87,12 +99,20 @@ class LiveMerger:
                 continue
             if name not in grouping.rules:
                 raise MergeError(f"no group rule for tensor {name}")
+            home = live.device if memory == "device" else torch.device("cpu")
+            pin = home != live.device and live.device.type == "cuda"
             self.entries.append(_Entry(
-                name, live, live.detach().clone(),
+                name, live, _resident(live.detach(), home, pin),
                 # always a private copy: on CPU transformers memory-maps the checkpoint, and
                 # a file rewritten in place must not change (or SIGBUS) a running search
-                aligned.detach().to(device=live.device, dtype=live.dtype, copy=True),
+                _resident(aligned.detach().to(dtype=live.dtype), home, pin),
             ))
+        for e in self.entries if memory == "host" else ():
+            key = (e.live.device, e.live.dtype)
+            have = self._staging.get(key)
+            if have is None or have.numel() < e.live.numel():
+                self._staging[key] = torch.empty(
+                    e.live.numel(), dtype=e.live.dtype, device=e.live.device)
         self.ratios: tuple[float, ...] | None = None
 
     @classmethod
@@ -106,25 +126,50 @@ class LiveMerger:
         dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        memory: str = "auto",
+        max_memory: str | None = None,
     ) -> LiveMerger:
-        """Load the base model as the live model on ``device`` and the aligned weights beside it."""
+        """Load the base model as the live model on ``device`` and the aligned weights beside it.
+
+        ``device`` may list several devices (``cuda:0,cpu``): the live model is split over
+        them, layer-contiguous (workers/placement.py). ``memory`` is a mode of
+        workers/placement.py; ``max_memory`` caps the bytes per device of a device map.
+        """
         from transformers import AutoModelForCausalLM
 
         base_ckpt = Checkpoint.open(base_model, allow_pickle=allow_pickle)
         aligned_ckpt = Checkpoint.open(aligned_model, allow_pickle=allow_pickle)
         check_compatible(base_ckpt, aligned_ckpt)
-        dev = pick_device(device)
         kwargs = dict(dtype=dtype or "auto", trust_remote_code=trust_remote_code,
                       use_safetensors=base_ckpt.format == "safetensors")
-        live = AutoModelForCausalLM.from_pretrained(base_model, **kwargs).to(dev).eval()
+        devices = parse_devices(device)
+        if len(devices) == 1:
+            dev = pick_device(devices[0])
+            live = AutoModelForCausalLM.from_pretrained(base_model, **kwargs).to(dev).eval()
+        else:
+            for d in devices:
+                pick_device(d)  # checked: cuda asked for where there is none is a SpecError
+            from accelerate import dispatch_model
+
+            device_map = _device_map(base_model, devices, max_memory, kwargs)
+            live = AutoModelForCausalLM.from_pretrained(base_model, **kwargs).eval()
+            # accelerate's hooks move activations between the devices; forced so that a map
+            # over one device (the CPU tests) runs the same path as cuda:0,cpu
+            live = dispatch_model(live, device_map=device_map, force_hooks=True)
+            dev = next(live.parameters()).device
         aligned = AutoModelForCausalLM.from_pretrained(aligned_model, **kwargs)
         aligned_state = dict(_unique_tensors(aligned))
         names = [n for n, _ in _unique_tensors(live)]
         grouping = build_grouping(base_ckpt.config, names, spec)
-        merger = cls(live, aligned_state, grouping)
+        extra = 2 * sum(t.numel() * t.element_size() for _, t in _unique_tensors(live))
+        mode = "device" if memory == "auto" and len(devices) > 1 else choose_memory(
+            memory, extra, dev)  # a split model: each device holds only its share
+        merger = cls(live, aligned_state, grouping, memory=mode)
         del aligned, aligned_state
-        log.info("live merger on %s: %d tensors, %d ratio slot(s) %s", dev, len(merger.entries),
-                 grouping.n_ratios, ", ".join(grouping.slots))
+        log.info("live merger on %s, memory %s: %d tensors, %d ratio slot(s) %s; resident %s",
+                 ",".join(devices), mode, len(merger.entries), grouping.n_ratios,
+                 ", ".join(grouping.slots),
+                 ", ".join(f"{d} {b / 2**20:.1f} MiB" for d, b in merger.resident_bytes().items()))
         return merger
 
     @torch.no_grad()
@@ -132,13 +177,71 @@ class LiveMerger:
         """Write ``lerp(base, aligned, ratio_of_group)`` into every live tensor."""
         checked = self.grouping.check_ratios(ratios, allow_extrapolation=allow_extrapolation)
         for e in self.entries:
-            lerp_merge(e.base, e.aligned, self.grouping.ratio_of(e.name, checked), out=e.live)
+            ratio = self.grouping.ratio_of(e.name, checked)
+            if self.memory == "device":
+                lerp_merge(e.base, e.aligned, ratio, out=e.live)
+                continue
+            # host mode: base into the live tensor, aligned into the staging buffer, then
+            # the same elementwise lerp in place (pinned sources: asynchronous copies, in
+            # order on the device's stream; on CPU the same path, as the tests run it)
+            stage = self._staging[e.live.device, e.live.dtype][:e.live.numel()].view(e.live.shape)
+            e.live.copy_(e.base, non_blocking=True)
+            stage.copy_(e.aligned, non_blocking=True)
+            torch.lerp(e.live, stage, ratio, out=e.live)
         self.ratios = checked
+
+    def delta_dot(self, e: _Entry, grad: torch.Tensor) -> float:
+        """``<grad, aligned - base>`` of one entry, on the gradient's device, in float32
+        (the gradient stage's contraction; host mode moves one tensor's pair at a time)."""
+        g = grad.reshape(-1).float()
+        aligned = e.aligned.to(g.device, non_blocking=True).reshape(-1).float()
+        base = e.base.to(g.device, non_blocking=True).reshape(-1).float()
+        return float(g @ aligned - g @ base)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this merger keeps per device: live, base and aligned tensors and staging."""
+        out: dict[str, int] = {}
+
+        def add(t: torch.Tensor) -> None:
+            out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+
+        for e in self.entries:
+            add(e.live)
+            add(e.base)
+            add(e.aligned)
+        for buf in self._staging.values():
+            add(buf)
+        return out
+
+    def placement(self) -> dict:
+        """What the job records of where its merge lives."""
+        return {"memory": self.memory, "resident_bytes": self.resident_bytes(),
+                "devices": sorted({str(e.live.device) for e in self.entries})}
 
     @property
     def nbytes(self) -> int:
         """Bytes of one copy of the merged tensors."""
         return sum(e.live.numel() * e.live.element_size() for e in self.entries)
+
+
+def _resident(t: torch.Tensor, home: torch.device, pin: bool) -> torch.Tensor:
+    """A private copy of ``t`` on ``home`` (pinned host memory with ``pin``)."""
+    out = t.to(device=home, copy=True)
+    return out.pin_memory() if pin else out
+
+
+def _device_map(model_path, devices: list[str], max_memory: str | None, kwargs: dict) -> dict:
+    """The layer-contiguous device map of a model on ``devices`` (built on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path,
+                                        trust_remote_code=kwargs["trust_remote_code"])
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None),
+                                                trust_remote_code=kwargs["trust_remote_code"])
+    meta.tie_weights()  # from_config on the meta device leaves tied weights apart
+    return plan_device_map(meta, devices, device_capacity(devices, parse_max_memory(max_memory)))
 
 
 def _unique_tensors(model: torch.nn.Module):

@@ -174,6 +174,8 @@ class Search:
         self.space = RatioSpace(self.slots, spec.ratio_bounds, spec.mean_ratio, names=names)
         self.study.set_user_attr("hmaopt", job)
         set_metric_names(self.study, spec.mode)
+        # where the merge lives in the process that last opened the study (memory mode, bytes)
+        self.study.set_user_attr("placement", merger.placement())
         #: this process's search-data measurements by trial number (per-record values)
         self.measured: dict[int, object] = {}
         self.stages = Stages(self)

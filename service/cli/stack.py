@@ -45,7 +45,9 @@ def add_serve(sub) -> None:
 def add_worker(sub) -> None:
     worker = add_command(sub, "worker", worker_command,
                          help="run a worker: take jobs from the queue and search (one per GPU)")
-    worker.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    worker.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda:N, or a device map such as "
+                        "cuda:0,cpu (HMAOPT_MEMORY, HMAOPT_MAX_MEMORY)")
     worker.add_argument("--name", default=None, help="worker name (default host:pid:device)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
 
