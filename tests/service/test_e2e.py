@@ -52,6 +52,13 @@ def _optuna_dashboard_shows(storage: str, study, best: dict) -> None:
     shown = attrs[best["number"]]
     assert {"ratios", "reward", "tax", "kind", "feasible"} <= set(shown)
     assert str(round(best["reward"], 4))[:5] in shown["reward"]
+    # feasibility, the metric name, slot-named params, a feasible best (its own choice)
+    assert detail["objective_names"] == ["reward"]
+    for t in detail["trials"]:
+        assert [p["name"] for p in t["params"]] == ["block0", "block1"]
+        assert len(t["constraints"]) == 1
+        assert (t["constraints"][0] <= 0) == (attrs[t["number"]]["feasible"] == "True")
+    assert [attrs[t["number"]]["feasible"] for t in detail["best_trials"]] == ["True"]
 
 
 def _states(study) -> dict[str, list[int]]:
