@@ -141,3 +141,22 @@ def test_the_answer_fragment_flags_and_markers(stack, tiny_spec):
     assert c.get("/ui/jobs/nosuchjob/answer").status_code == 404
     jobs = c.get("/ui/jobs").text
     assert jobs.count('class="flag-marker"') == 1 and flag["message"] in jobs
+
+
+def test_spec_differences_lists_every_field_that_differs_and_no_other():
+    from service.api.routes.ui import spec_differences
+
+    a = {"name": "a", "groups": {"scheme": "blocks", "k": 3}, "ratio_bounds": [0.0, 1.0],
+         "mean_ratio": None, "search": {"sampler": "tpe", "seed": 0},
+         "tax": {"budget": 0.1, "tasks": [{"name": "add", "data": "/d/add.jsonl"}]}}
+    b = {"name": "b", "groups": {"scheme": "blocks", "k": 4}, "ratio_bounds": [0.0, 0.9],
+         "mean_ratio": 0.5, "search": {"sampler": "tpe", "seed": 1},
+         "tax": {"budget": 0.1, "tasks": [{"name": "add", "data": "/d/add2.jsonl"},
+                                          {"name": "mc", "data": "/d/mc.jsonl"}]}}
+    rows = {r["field"]: r["values"] for r in spec_differences([a, b])}
+    assert rows == {"groups.k": ["3", "4"], "ratio_bounds": ["[0.0, 1.0]", "[0.0, 0.9]"],
+                    "mean_ratio": ["—", "0.5"], "search.seed": ["0", "1"],
+                    "tax.tasks[0].data": ["/d/add.jsonl", "/d/add2.jsonl"],
+                    "tax.tasks[1].name": ["—", "mc"], "tax.tasks[1].data": ["—", "/d/mc.jsonl"]}
+    assert spec_differences([a, {**a, "name": "c"}]) == []  # the name is not a difference
+    assert spec_differences([a]) == []

@@ -159,15 +159,16 @@ def test_compare_two_jobs_by_url(browser, stack, tiny_spec):
     rows = page.locator("#best-results tbody tr")
     # in the address's order: the jobs page lists the newest first
     assert [rows.nth(i).get_attribute("data-job") for i in range(2)] == ids[::-1]
-    assert [rows.nth(i).locator(".best-reward").inner_text() for i in range(2)] == ["3", "2"]
+    assert [rows.nth(i).locator(".best-reward").inner_text() for i in range(2)] == \
+        ["3.0000", "2.0000"]
     page.wait_for_function("() => document.getElementById('profile').data")
     curves = page.evaluate("() => document.getElementById('best-so-far').data.map(t => t.y)")
     assert curves == [[1.0, 3.0, 3.0], [1.0, 2.0, 2.0]]
     scatter = page.evaluate("() => document.getElementById('scatter').data"
                             ".filter(t => t.type === 'scattergl').map(t => [t.name, t.x.length])")
-    assert [n for _, n in scatter] == [2, 1, 2, 1]  # per job: feasible, over budget
+    assert [n for _, n in scatter] == [2, 1, 0, 2, 1, 0]  # per job: feasible, over, pruned
     profiles = page.evaluate("() => document.getElementById('profile').data.map(t => t.x)")
-    assert profiles == [[0, 1, 2, 3]] * 2
+    assert profiles == [[0, 1, 2, 3]]  # both bests have the same ratios: drawn once
     assert all(u.startswith(stack.url) for u in requests), requests
     page.close()
     # the URL alone opens the same comparison in another signed-in browser
@@ -211,6 +212,9 @@ def test_pipelines_page_shows_runs_and_decisions(browser, stack, tiny_spec):
                            ".map(t => [t.name, t.y]))")
     assert traces["reward, promoted"] == [1.0] and traces["reward, kept"] == [0.9]
     assert traces["skipped / failed"] == [0]
+    titles = page.evaluate("() => { const l = document.getElementById('runs-chart').layout;"
+                           " return ['xaxis', 'yaxis', 'yaxis2', 'yaxis3'].map(a => l[a].title.text); }")
+    assert titles == ["scheduled run", "reward", "gain", "tax"]  # every axis titled
     assert all(u.startswith(stack.url) for u in requests), requests
     page.close()
 
@@ -364,8 +368,8 @@ def test_job_page_flags_error_bars_and_the_held_out_panel(browser, stack, tiny_s
     assert codes.first.get_attribute("title") == FLAGS[0]["message"]
     assert row.locator(".holdout-gain").inner_text() == "+0.2 [-0.25, +0.65] n=31"
     assert row.locator(".gain").inner_text() == "+0.5 [+0.125, +0.875]"
-    assert row.locator(".best-reward").inner_text() == "2.5"
-    assert "± 0.2" in row.locator("td").nth(4).inner_text()
+    assert row.locator(".best-reward").inner_text() == "2.5000"
+    assert "± 0.2000" in row.locator("td").nth(4).inner_text()
     other = page.locator(f"#best-results tr[data-job='{clean}']")
     assert other.locator(".flag-codes .flag").count() == 0
     assert other.locator(".flag-codes").inner_text() == "—"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -175,7 +176,46 @@ def compare_page(request: Request, session: SessionDep,
                                                 doseq=True) for j in found}
     return _render(request, "compare.html", caller, jobs=found, missing=missing,
                    others=[job_summary(j) for j in recent if j.id not in picked],
-                   figures=figures, colors=COLORS, without=without)
+                   figures=figures, colors=COLORS, without=without,
+                   differences=spec_differences([j.spec for j in found]))
+
+
+#: spec fields the compare page never lists as a difference (shown elsewhere on the page)
+SAME_BY_DESIGN = ("name",)
+
+
+def spec_differences(specs: list[dict]) -> list[dict]:
+    """The spec fields whose values differ between the jobs, as rows ``{"field": dotted
+    path, "values": one text per job}`` (nested fields flattened: ``search.sampler``,
+    ``tax.tasks[0].data``; "—" where a field is unset or a job's spec lacks it)."""
+    if len(specs) < 2:
+        return []
+    flat = [_flatten(spec) for spec in specs]
+    fields = list(dict.fromkeys(k for f in flat for k in f))
+    rows = []
+    for field in fields:
+        values = [f.get(field, "—") for f in flat]
+        if field not in SAME_BY_DESIGN and len(set(values)) > 1:
+            rows.append({"field": field, "values": values})
+    return rows
+
+
+def _flatten(value, prefix: str = "") -> dict[str, str]:
+    """A spec as {dotted path: text}: dicts and lists of dicts are walked, scalars and
+    lists of scalars written as JSON (strings as they are, None as "—")."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    if value is None:
+        return {prefix: "—"}
+    return {prefix: value if isinstance(value, str) else json.dumps(value)}
 
 
 @router.get("/ui/pipelines", response_class=HTMLResponse)

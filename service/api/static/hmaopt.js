@@ -61,14 +61,33 @@ window.hmaopt = (function () {
   // Legends in a band at the bottom of the figure, under the x-axis title (never over it).
   const below = (height, rows = 2) => ({height, margin: {t: 50, b: 70 + 22 * rows},
     legend: {orientation: "h", yref: "container", yanchor: "bottom", y: 0.01, x: 0}});
+  // Traces that draw the very same line (same x and y: two jobs' equal budgets, baselines,
+  // curves or profiles) become one, drawn thicker in grey and named after all of them, so
+  // no line hides another. ``meta.shared``: how many traces it stands for.
+  function mergeSame(traces, color = "#555") {
+    const groups = new Map();
+    for (const t of traces) {
+      const key = JSON.stringify([t.x, t.y]);
+      if (!groups.has(key)) groups.set(key, []);
+      groups.get(key).push(t);
+    }
+    return [...groups.values()].map(g => g.length === 1 ? g[0] : Object.assign({}, g[0], {
+      name: g.map(t => t.name).join(" = "), legendgroup: undefined, showlegend: true,
+      line: Object.assign({}, g[0].line, {color, width: 3}),
+      meta: Object.assign({}, g[0].meta, {shared: g.length})}));
+  }
   const profileLayout = layout => Object.assign(below(360), {
-    title: {text: "ratio profile (α = weight on the aligned model)"},
+    // two short lines: one long one was clipped in a narrow figure
+    title: {text: "ratio profile<br><span style='font-size: 12px'>α = weight on the aligned model</span>"},
+    margin: {t: 64, b: 114},
     xaxis: {title: {text: layout ? "decoder layer" : "ratio slot"}, dtick: 1},
     yaxis: {title: {text: "α"}, range: [-0.02, 1.02]}});
 
   const fmt = (v, d) => v === null || v === undefined ? "—" : (+v).toPrecision(d);
+  // ``d`` decimals (a table column's fixed precision), "—" for none
+  const fixed = (v, d) => v === null || v === undefined ? "—" : (+v).toFixed(d);
   // "± se" (two significant digits), or "" when there is none
   const pm = se => se === null || se === undefined ? "" : "± " + (+se).toPrecision(2);
-  return {api, rows, cls, bestOf, bestSoFar, uniform, profile, profileLayout, below, fmt, pm, errorBars,
-          config: {displaylogo: false, responsive: true}};
+  return {api, rows, cls, bestOf, bestSoFar, uniform, profile, profileLayout, below, fmt, fixed, pm,
+          errorBars, mergeSame, config: {displaylogo: false, responsive: true}};
 })();

@@ -63,7 +63,8 @@
     const curve = H.bestSoFar(trials);
     Plotly.react("best-so-far", [{type: "scatter", mode: "lines", x: curve.x, y: curve.y,
       name: "best feasible reward so far", line: {shape: "hv"}}],
-      {title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}}, height: 360}, H.config);
+      {title: {text: "best feasible reward so far"}, xaxis: {title: {text: "trial"}},
+       yaxis: {title: {text: "best feasible reward"}}, height: 360}, H.config);
     drawProfile();
     performance.mark("hmaopt:figures");
   }
@@ -95,20 +96,27 @@
   }
 
   // ------------------------------------------------------------------ table
+  // the table's decimals: every number of a column with the same (SEs as rewards, taxes)
+  const DIGITS = {ratio: 3, reward: 4, tax: 4, metric: 3, seconds: 2};
   function row(t) {
     const tr = document.createElement("tr");
     tr.dataset.trial = t.number;
-    // a cell is its text, or [text, standard error] (the SE in a <small> beside it)
-    const cells = [t.number, t.kind, Object.entries(t.ratios).map(([k, v]) => k + "=" + v.toFixed(3)).join(" "),
-      t.state === "pruned" ? "pruned" : [H.fmt(t.reward, 4), t.reward_se], [H.fmt(t.tax, 4), t.tax_se],
-      Object.entries(t.metrics).map(([k, v]) => k + " " + H.fmt(v, 3)).join(", "),
-      t.stage, H.fmt(t.merge_seconds, 2), H.fmt(t.eval_seconds, 3)];
-    for (const c of cells) {
+    const D = DIGITS, num = "num";
+    // a cell: [text, class ("num": a number, right-aligned), its standard error or null]
+    const cells = [[t.number, num], [t.kind],
+      [Object.entries(t.ratios).map(([k, v]) => k + "=" + v.toFixed(D.ratio)).join(" ")],
+      t.state === "pruned" ? ["pruned", "num pruned"] : [H.fixed(t.reward, D.reward), num, t.reward_se],
+      [H.fixed(t.tax, D.tax), num, t.tax_se],
+      [Object.entries(t.metrics).map(([k, v]) => k + " " + H.fixed(v, D.metric)).join(", ")],
+      [t.stage, num], [H.fixed(t.merge_seconds, D.seconds), num], [H.fixed(t.eval_seconds, D.seconds), num]];
+    for (const [text, cls, se] of cells) {
       const td = document.createElement("td");
-      if (Array.isArray(c)) {
-        td.textContent = c[0];
-        if (H.pm(c[1])) { const se = document.createElement("small"); se.className = "se"; se.textContent = " " + H.pm(c[1]); td.append(" ", se); }
-      } else td.textContent = c;
+      td.textContent = text;
+      if (cls) td.className = cls;
+      if (se !== null && se !== undefined) {
+        const small = document.createElement("small"); small.className = "se";
+        small.textContent = "± " + H.fixed(se, D.reward); td.append(" ", small);
+      }
       tr.appendChild(td);
     }
     tr.addEventListener("click", () => { shown = t; drawProfile(); });

@@ -30,8 +30,9 @@
       y: skipped.map(() => 0), yaxis: "y3", text: skipped.map(r => r.reason || r.status),
       marker: {symbol: "x", color: "#888"}, hovertemplate: "%{x}<br>%{text}<extra></extra>"});
     Plotly.react("runs-chart", traces, Object.assign(H.below(560, 2), {
-      title: {text: "runs over time (★ promoted, ○ kept; dashed: the tax budget)"},
-      xaxis: {anchor: "y3"},
+      title: {text: "runs over time<br><span style='font-size: 12px'>★ promoted, ○ kept; dashed: the tax budget</span>"},
+      margin: {t: 64, b: 114},
+      xaxis: {anchor: "y3", title: {text: "scheduled run"}},
       yaxis: {title: {text: "reward"}, domain: [0.55, 1]},
       yaxis2: {title: {text: "gain"}, domain: [0.3, 0.5]},
       yaxis3: {title: {text: "tax"}, domain: [0, 0.25]},
