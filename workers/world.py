@@ -207,7 +207,7 @@ def prompt_rewards(model, tok, reward_model, records: Sequence[dict], *,
 
     prompts = [r["prompt"] for r in records]
     completions = greedy_generate(model, tok, prompts, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, by_length=False)  # as v2 was built
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         texts = [p + c for p, c in zip(prompts[start:start + batch_size],

@@ -13,7 +13,7 @@ from pathlib import Path
 from service.spec import JobSpec
 
 #: bump when a metric's computation changes: cached θ_base figures of another version are ignored
-EVALUATOR_VERSION = 2
+EVALUATOR_VERSION = 3  # 3: generation batched by prompt length
 
 
 def base_cache_key(spec: JobSpec, base_model: str | Path, *, device: str, dtype: str,

@@ -4,13 +4,18 @@
   (contexts are encoded with the tokenizer's special tokens, continuations without, then
   concatenated, as lm-evaluation-harness does), right padding, one forward pass per batch.
 - :func:`greedy_generate`: greedy decoding with left padding and a fixed ``max_new_tokens``;
-  the chat template is applied when the tokenizer has one.
+  the chat template is applied when the tokenizer has one. Prompts are batched by length
+  (sorted, then answered in the given order) so a batch pads little; on CUDA the batch grows
+  to what the device's memory holds (:func:`generation_batch_size`), and
+  ``HMAOPT_GENERATION_CACHE=static`` uses transformers' static KV cache.
 
 Both run under ``torch.inference_mode`` on the model's device and are deterministic.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,6 +103,41 @@ def format_prompt(tokenizer, prompt: str) -> str:
     return prompt
 
 
+#: share of a CUDA device's memory (beyond the weights resident there) that the KV cache of
+#: one generation batch may take
+KV_CACHE_SHARE = 0.25
+#: the largest generation batch chosen from memory
+MAX_GENERATION_BATCH = 256
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of KV cache one token takes in ``model`` (keys and values, every layer)."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layers = getattr(cfg, "num_hidden_layers", 1)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", heads) // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def generation_batch_size(model: torch.nn.Module, requested: int, tokens: int) -> int:
+    """The batch of a generation of sequences up to ``tokens`` long: ``requested`` on CPU; on
+    CUDA as many as :data:`KV_CACHE_SHARE` of the memory beyond the resident weights holds
+    (at least ``requested``). Computed from the device's total memory, not its free memory,
+    so the same job on the same kind of device batches (and rounds) the same way."""
+    device = _device(model)
+    if device.type != "cuda":
+        return requested
+    total = torch.cuda.get_device_properties(device).total_memory
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()
+                  if p.device == device)
+    room = max(0, total - 3 * weights) * KV_CACHE_SHARE  # 3: the merge's worst case
+    fits = int(room // max(1, kv_bytes_per_token(model) * tokens))
+    return max(requested, min(MAX_GENERATION_BATCH, fits))
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: torch.nn.Module,
@@ -108,16 +148,33 @@ def greedy_generate(
     batch_size: int = 16,
     chat: bool = True,
     on_batch: BatchHook = None,
+    by_length: bool = True,
+    stats: dict | None = None,
 ) -> list[str]:
-    """Greedy completions (the new text only) of ``prompts``, left-padded, in batches."""
+    """Greedy completions (the new text only) of ``prompts``, left-padded, in batches.
+
+    ``by_length``: batch the prompts in order of token length (answers come back in the given
+    order). ``stats``, when given, receives ``tokens`` (generated, padding excluded),
+    ``seconds`` and ``batches``.
+    """
     device = _device(model)
     pad = _pad_id(tokenizer)
     texts = [format_prompt(tokenizer, p) if chat else p for p in prompts]
-    out: list[str] = []
-    for start in range(0, len(texts), batch_size):
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    order = (sorted(range(len(encoded)), key=lambda i: len(encoded[i])) if by_length
+             else list(range(len(encoded))))
+    longest = max((len(e) for e in encoded), default=0) + max_new_tokens
+    size = generation_batch_size(model, batch_size, longest)
+    extra = {}
+    if os.environ.get("HMAOPT_GENERATION_CACHE", "dynamic") == "static" and device.type == "cuda":
+        extra["cache_implementation"] = "static"
+    answers: dict[int, str] = {}
+    made, started, batches = 0, time.perf_counter(), 0
+    for start in range(0, len(order), size):
         if on_batch is not None:
             on_batch()
-        batch = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts[start:start + batch_size]]
+        rows = order[start:start + size]
+        batch = [encoded[i] for i in rows]
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -127,8 +184,15 @@ def greedy_generate(
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, **extra,
         )
-        for row in generated[:, width:].cpu().tolist():
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
-    return out
+        batches += 1
+        for i, row in zip(rows, generated[:, width:].cpu().tolist()):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+            made += sum(1 for t in row if t != pad)
+    if stats is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats.update(tokens=made, seconds=time.perf_counter() - started, batches=batches,
+                     batch_size=size)
+    return [answers[i] for i in range(len(encoded))]
