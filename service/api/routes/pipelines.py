@@ -79,7 +79,8 @@ def _validated(raw: dict, settings, old: dict | None = None) -> PipelineSpec:
     if not isinstance(hooks, list):
         raise SpecError("webhooks must be a list of {url, events, secret}", field="webhooks")
     for hook in hooks:
-        if isinstance(hook, dict) and not hook.get("secret") and stored.get(hook.get("url")):
+        url = hook.get("url") if isinstance(hook, dict) else None
+        if isinstance(url, str) and not hook.get("secret") and stored.get(url):
             hook["secret"] = stored[hook["url"]]
         if isinstance(hook, dict):
             hook.pop("has_secret", None)
@@ -102,8 +103,8 @@ def create_pipeline(spec: SpecBody, caller: Operator, session: SessionDep,
     """Create a pipeline: a job-spec template, a cron schedule, the aligned checkpoint
     source (and optionally the base), the promote folder, webhooks."""
     hooks = spec.get("webhooks")
-    given = {h.get("url") for h in hooks if isinstance(h, dict) and h.get("secret")} if (
-        isinstance(hooks, list)) else set()
+    given = {h.get("url") for h in hooks if isinstance(h, dict) and h.get("secret")
+             and isinstance(h.get("url"), str)} if isinstance(hooks, list) else set()
     checked = _validated(spec, settings)
     p = pipe_db.create_pipeline(session, checked.model_dump(mode="json"), token_id=caller.id,
                                 created_by=caller.name)
