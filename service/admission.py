@@ -2,7 +2,9 @@
 checked where the job is accepted, each refusal naming the spec field.
 
 :func:`admit_job` is what the API runs on a submission (service/api/routes/jobs.py), and
-what a worker runs again when it loads the job (workers/job.py), with the same settings:
+what a worker runs again when it loads the job (workers/job.py), with the same settings
+(a local search, ``hmaopt search``, runs :func:`check_job_files`: the same checks without
+the roots):
 
 1. paths: every input resolves inside the roots, model folders hold no link out, the
    export folder is allowed (service/paths.py, :func:`~service.paths.resolve_job_paths`);
@@ -45,21 +47,28 @@ HEAD_LINES = 1000
 def admit_job(spec: JobSpec, settings: Settings) -> JobSpec:
     """The spec with its paths resolved inside the roots, once every check above passed."""
     resolved = resolve_job_paths(spec, settings)
-    paths = resolved.paths()
+    check_job_files(resolved, settings, data_roots=settings.data_roots)
+    return resolved
+
+
+def check_job_files(spec: JobSpec, settings: Settings, *,
+                    data_roots: list[Path] | None = None) -> None:
+    """Checks 2 to 4 on a spec whose paths are resolved. ``data_roots`` None: a local run,
+    where nothing is confined and pickle weights are left to the loader's own refusal."""
+    paths = spec.paths()
     for name in MODEL_FIELDS:
         if name in paths:
-            check_checkpoint(name, paths[name], settings)
-    check_layers(resolved)
+            check_checkpoint(name, paths[name], settings, pickle=data_roots is not None)
+    check_layers(spec)
     for name, path in paths.items():
-        kind = _jsonl_kind(resolved, name)
+        kind = _jsonl_kind(spec, name)
         if kind is not None:
             check_jsonl(name, path, kind)
-    for i, task in enumerate(resolved.tax.tasks):
+    for i, task in enumerate(spec.tax.tasks):
         if task.type == "lm_eval":
-            check_task_yaml(f"tax.tasks.{i}.data", task.data, data_roots=settings.data_roots,
-                            allow_code=settings.allow_task_code, metric=task.metric,
-                            metric_field=f"tax.tasks.{i}.metric")
-    return resolved
+            check_task_yaml(f"tax.tasks.{i}.data", task.data, data_roots=data_roots,
+                            allow_code=settings.allow_task_code or data_roots is None,
+                            metric=task.metric, metric_field=f"tax.tasks.{i}.metric")
 
 
 def refused(field: str, message: str) -> PermissionDeniedError:
@@ -69,8 +78,9 @@ def refused(field: str, message: str) -> PermissionDeniedError:
     return error
 
 
-def check_checkpoint(field: str, folder: str, settings: Settings) -> None:
-    """A checkpoint folder the workers will load: config, weight format, checkpoint code."""
+def check_checkpoint(field: str, folder: str, settings: Settings, *, pickle: bool = True) -> None:
+    """A checkpoint folder the workers will load: config, weight format (``pickle``: refuse
+    pickle-only weights here), checkpoint code."""
     if not os.path.isdir(folder):
         raise SpecError(f"{folder} is not a folder: give the checkpoint's folder", field=field)
     config = read_config(folder)
@@ -81,7 +91,7 @@ def check_checkpoint(field: str, folder: str, settings: Settings) -> None:
     if fmt is None:
         raise SpecError(f"no weights in {folder}: expected model.safetensors or "
                         "model.safetensors.index.json", field=field)
-    if fmt == "pickle" and not settings.allow_pickle:
+    if fmt == "pickle" and pickle and not settings.allow_pickle:
         raise refused(field, f"{folder} holds pickle weights (pytorch_model*.bin) and no "
                       "safetensors: loading pickle can run arbitrary code. Convert it "
                       "(save_pretrained(dir, safe_serialization=True)), or the admin allows "

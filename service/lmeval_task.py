@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,15 +129,21 @@ def _load(path: Path, task: TaskYaml, field: str | None, *, seen: set[Path]) -> 
     return merged
 
 
-def check_task_yaml(field: str, path: str | Path, *, data_roots: list[Path],
+def check_task_yaml(field: str, path: str | Path, *, data_roots: list[Path] | None,
                     allow_code: bool = False, metric: str | None = None,
                     metric_field: str | None = None) -> TaskYaml:
     """Everything the module docstring lists; SpecError or PermissionDeniedError naming
-    ``field`` (``metric_field`` for a metric the task does not have)."""
+    ``field`` (``metric_field`` for a metric the task does not have). ``data_roots`` None:
+    a local run, the files need only exist."""
     task = read_task_yaml(path, field=field)
     config, where = task.config, f"lm-eval task {task.name!r} ({path})"
 
     def inside(raw: str) -> Path:
+        if data_roots is None:
+            real = Path(os.path.realpath(raw))
+            if not real.exists():
+                raise SpecError(f"{where}: {raw} does not exist", field=field)
+            return real
         return Path(resolve_path(field, raw, data_roots, kind="data"))
 
     for inc in task.includes:

@@ -5,7 +5,7 @@ the CLI's search and a worker's job run both start from.
 Before a model loads, a worker (``confine=True``) checks the job again as the API admitted
 it (service/admission.py: the roots, the link rules, the admin settings, the data), so a
 file replaced after submission, a link out of the roots say, is refused with the job's
-error; lm-eval tasks are built and their first documents checked
+error (a local search: the same checks of the files, no roots); lm-eval tasks are built and their first documents checked
 (:func:`workers.evaluate.lmeval.check_task`). After θ_base is measured, an lm-eval task whose
 θ_base figure measures nothing is an error naming it (:func:`~workers.evaluate.lmeval.check_base`).
 """
@@ -21,11 +21,13 @@ from service.spec import JobSpec
 def load_job(spec: JobSpec, *, device: str | None = "auto", confine: bool = False):
     """(LiveMerger, JobEvaluator) of a job: both checkpoints, tokenizer, data, reward model.
     ``confine``: the job came through the API; check it again as the API did (a worker)."""
+    from service.admission import admit_job, check_job_files
+
     settings = get_settings()
     if confine:
-        from service.admission import admit_job
-
         admit_job(spec, settings)
+    else:  # a local search: the same checks without the roots
+        check_job_files(spec, settings)
     check_lm_eval_tasks(spec)
     from transformers import AutoTokenizer  # the heavy data-plane imports load with a job
     from transformers.utils import logging as hf_logging
@@ -36,8 +38,7 @@ def load_job(spec: JobSpec, *, device: str | None = "auto", confine: bool = Fals
     hf_logging.disable_progress_bar()  # one bar: the trials'
     merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device=device,
                              allow_pickle=settings.allow_pickle,
-                             trust_remote_code=settings.trust_remote_code,
-                             memory=settings.memory, max_memory=settings.max_memory)
+                             trust_remote_code=settings.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model,
                                               trust_remote_code=settings.trust_remote_code)
     evaluator = JobEvaluator.load(spec, merger.model, tokenizer,

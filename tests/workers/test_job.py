@@ -69,3 +69,21 @@ def test_checkpoint_code_added_since_submission_is_refused_at_load(rooted):
                                   "auto_map": {"AutoModelForCausalLM": "m.M"}}))
     with pytest.raises(PermissionDeniedError, match="HMAOPT_TRUST_REMOTE_CODE"):
         load_job(spec, device="cpu", confine=True)
+
+
+def test_a_local_search_gets_the_same_file_checks_before_loading(tmp_path):
+    """No roots for a local run (hmaopt search), but a spec the API would refuse for its
+    files fails before the models load, with the same message and field."""
+    from service.errors import SpecError
+
+    raw = make_tiny_job(tmp_path, groups={"scheme": "blocks", "k": 9})
+    with pytest.raises(SpecError, match=r"groups\.k: k=9 blocks but the model has 4 layers "
+                       r"\(.*config\.json\)"):
+        load_job(JobSpec.model_validate(raw), device="cpu")
+    raw = make_tiny_job(tmp_path / "b")
+    data = Path(raw["tax"]["tasks"][0]["data"])
+    data.write_text(data.read_text() + "{not json\n")
+    with pytest.raises(SpecError, match=r"tax\.tasks\.0\.data: .*add\.jsonl, line 13: not "
+                       "valid JSON") as info:
+        load_job(JobSpec.model_validate(raw), device="cpu")
+    assert info.value.field == "tax.tasks.0.data"

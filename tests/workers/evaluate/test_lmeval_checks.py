@@ -157,9 +157,12 @@ def test_a_broken_task_stops_the_search_before_the_models_load(tmp_path):
     yaml_file = _task(tmp_path / "t", "doc_to_target: label", "doc_to_target: answer")
     raw = make_tiny_job(tmp_path / "job")
     raw["tax"]["tasks"] = [{"name": "harness", "type": "lm_eval", "data": str(yaml_file)}]
-    shutil.rmtree(raw["base_model"])  # never reached: the task is checked first
-    with pytest.raises(SpecError, match="tax task 'harness'.*not one of its 3 choices"):
+    # weights that cannot be read: never reached, the task is checked first
+    (Path(raw["base_model"]) / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SpecError, match="doc_to_target 'answer' is not a field of the records "
+                       "of 'test'") as info:  # service/lmeval_task.py, as at submission
         run_search(JobSpec.model_validate(raw), device="cpu")
+    assert info.value.field == "tax.tasks.0.data"
 
 
 def test_an_lm_eval_task_is_marked_not_held_out_wherever_holdout_figures_appear(tmp_path):
