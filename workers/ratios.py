@@ -18,6 +18,7 @@ its own names (workers/search.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 
@@ -78,7 +79,12 @@ class RatioSpace:
         return list(self.names)
 
     def suggest(self, trial) -> list[float]:
-        values = [trial.suggest_float(name, self.low, self.high) for name in self.param_names()]
+        with warnings.catch_warnings():
+            # GPSampler (proposing at the first suggest) warns at every proposal that it clips
+            # the -inf an infeasible trial told before any feasible one (workers/study.py
+            # told_values) to the worst finite value: as intended
+            warnings.filterwarnings("ignore", message="Clip non-finite values")
+            values = [trial.suggest_float(name, self.low, self.high) for name in self.param_names()]
         return self.from_params(values)
 
     def from_params(self, values: Sequence[float]) -> list[float]:
