@@ -150,6 +150,14 @@ def check_output(field: str, out: str, spec: JobSpec) -> None:
                                           "export into a folder of its own")
 
 
+def check_model_paths(spec: JobSpec, settings: Settings) -> None:
+    """The job's base and aligned folders checked again as at submission (inside the model
+    roots, no link out): what an export of the job reads, checked when it reads it."""
+    for field in ("base_model", "aligned_model"):
+        path = resolve_path(field, getattr(spec, field), settings.model_roots)
+        check_folder(field, path, settings.model_roots)
+
+
 def resolve_job_paths(spec: JobSpec, settings: Settings) -> JobSpec:
     """The spec with every path resolved inside the roots; refuses what the settings forbid."""
     if spec.reward.type == "python" and not settings.allow_python_reward:

@@ -34,6 +34,7 @@ from service.db import jobs as job_db
 from service.db import session_scope
 from service.db import workers as worker_db
 from service.errors import ConflictError, HmaoptError
+from service.paths import check_model_paths
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
 from service.status import ExportStatus, JobStatus
@@ -353,6 +354,7 @@ def _export(settings: Settings, job_id: str, out_dir: str, overwrite: bool) -> s
     try:
         if not ratios:
             raise ConflictError("the job has no feasible trial to export")
+        check_model_paths(spec, settings)  # as at submission: a link swapped in since
         if overwrite and Path(out_dir).exists() and \
                 not (Path(out_dir) / "hma_manifest.json").exists():
             raise ConflictError(f"{out_dir} exists and is not an hmaopt export (no "

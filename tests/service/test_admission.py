@@ -299,3 +299,38 @@ def test_a_link_swapped_in_after_submission_fails_the_job_on_the_worker(stack, t
     assert "model.safetensors is a link that resolves outside the allowed model roots" \
         in final["error"]
     assert final["progress"]["trials_finished"] == 0
+
+
+def test_a_link_swapped_in_before_an_export_fails_the_export(stack, tiny_spec, tmp_path,
+                                                              monkeypatch):
+    """An export reads the checkpoints again, later: it checks them again too."""
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.settings import get_settings
+    from tests.service.conftest import settings_env
+    from workers import loop
+
+    for key, value in settings_env(stack.settings).items():  # what a worker process gets
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    job = _post(stack, tiny_spec).json()
+    with session_scope(stack.settings.database()) as s:
+        row = job_db.get_job(s, job["id"])
+        row.status, row.best_ratios = "succeeded", {"block0": 0.5, "block1": 0.5}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    weights = Path(job["spec"]["base_model"]) / "model.safetensors"
+    shutil.move(weights, outside / weights.name)
+    weights.symlink_to(outside / weights.name)
+    out = stack.settings.model_roots[0] / "out"
+    try:
+        assert loop.export_job(job["id"], str(out)) == "failed"
+    finally:
+        loop.current_worker().close()
+        get_settings.cache_clear()
+    with stack.client("viewer") as c:
+        export = c.get(f"/v1/jobs/{job['id']}").json()["export"]
+    assert export["status"] == "failed", export
+    assert export["error"].startswith("base_model: ") and "is a link that resolves outside" \
+        in export["error"], export
+    assert not out.exists()
