@@ -38,13 +38,13 @@ from contextlib import contextmanager
 from datetime import datetime
 
 from service import queue
+from service.admission import admit_job
 from service.db import jobs as job_db
 from service.db import pipelines as pipe_db
 from service.db import session_scope
 from service.db.models import Pipeline, PipelineRun, utcnow
 from service.errors import ConflictError, DependencyUnavailableError, HmaoptError
 from service.modelconfig import num_layers
-from service.paths import resolve_job_paths
 from service.pipelines import promotion, webhooks
 from service.pipelines.promotion import (
     ALIAS,
@@ -221,7 +221,7 @@ class Scheduler:
                 job_spec = apply_warm_start(job_spec, warm["ratios"], warm["uniform"],
                                             spec.warm_start_scales, spec.warm_start_refine)
             job = JobSpec.model_validate(job_spec)
-            resolved = resolve_job_paths(job, self.settings)
+            resolved = admit_job(job, self.settings)
             row, _ = job_db.create_job(s, resolved.model_dump(mode="json"),
                                        n_trials=job.search.n_trials, parallel=job.search.workers,
                                        submitted_by=f"pipeline:{p.name}")
