@@ -165,8 +165,10 @@ def check_base(label: str, task_yaml: str | Path, value: float,
                               f"against it (its tax would be 0 for every merge).{fix}{hint}")
     if per_doc is not None and len(per_doc) > 1 and len(set(per_doc)) == 1:
         raise EvaluationError(f"{where}: θ_base scores {per_doc[0]:g} on each of its "
-                              f"{len(per_doc)} documents: the task cannot tell models apart."
-                              f"{fix}{hint}")
+                              f"{len(per_doc)} documents: the task cannot tell models apart "
+                              "(choices that tie, a constant target; a base model perfect on "
+                              "every document leaves no spread either: use harder or more "
+                              f"documents).{fix}{hint}")
 
 
 def _prepare(task_yaml: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
