@@ -38,7 +38,8 @@ def load_job(spec: JobSpec, *, device: str | None = "auto", confine: bool = Fals
     hf_logging.disable_progress_bar()  # one bar: the trials'
     merger = LiveMerger.load(spec.base_model, spec.aligned_model, spec.groups, device=device,
                              allow_pickle=settings.allow_pickle,
-                             trust_remote_code=settings.trust_remote_code)
+                             trust_remote_code=settings.trust_remote_code,
+                             memory=settings.memory, max_memory=settings.max_memory)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model,
                                               trust_remote_code=settings.trust_remote_code)
     evaluator = JobEvaluator.load(spec, merger.model, tokenizer,
