@@ -158,6 +158,7 @@ def test_a_submission_during_an_outage_is_stored_and_runs_later(outage_stack, ti
     assert ok.status_code == 201 and ok.json()["enqueue_deferred"] is False
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the embedded default
 def test_sigterm_mid_trial_puts_the_job_back(stack, tiny_spec):
     """Issue 20 item 9: SIGTERM stops the trial in hand at its next evaluation batch (the
     worker exits in seconds, not after its trial) and the job goes back to the queue; a new
