@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,24 +28,9 @@ def _study(settings, job_id):
 def _optuna_dashboard_shows(storage: str, study, best: dict) -> None:
     """GET optuna-dashboard's own study API through its WSGI app (what `optuna-dashboard
     URL` serves) and find the best trial's ratios, reward and tax in its user attributes."""
-    import io
-    import json
+    from tests.optuna_dashboard import dashboard_study
 
-    from optuna_dashboard import wsgi
-
-    app = wsgi(storage)
-
-    def get(path: str) -> dict:
-        status = []
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "",
-                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-                   "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO()}
-        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
-        assert status[0].startswith("200"), (path, status, body[:500])
-        return json.loads(body)
-
-    names = {s["study_name"]: s["study_id"] for s in get("/api/studies")["study_summaries"]}
-    detail = get(f"/api/studies/{names[study.study_name]}")
+    detail = dashboard_study(storage, study.study_name)
     attrs = {t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]}
              for t in detail["trials"]}
     shown = attrs[best["number"]]

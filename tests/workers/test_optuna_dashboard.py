@@ -10,8 +10,6 @@ to call best).
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import optuna
@@ -19,6 +17,7 @@ import pytest
 
 from service.spec import JobSpec
 from tests.models import make_tiny_job, read_folder
+from tests.optuna_dashboard import dashboard_study
 from workers.results import RATIO_CONVENTION
 from workers.search import Search, load_job, measure_base
 
@@ -62,25 +61,6 @@ def _search(spec_dict: dict, url: str, **kwargs) -> Search:
     return search
 
 
-def _dashboard(url: str, name: str) -> dict:
-    """optuna-dashboard's study detail (GET /api/studies/<id>) of study ``name``."""
-    from optuna_dashboard import wsgi
-
-    app = wsgi(url)
-
-    def get(path: str) -> dict:
-        status = []
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "",
-                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-                   "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO()}
-        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
-        assert status[0].startswith("200"), (path, status, body[:500])
-        return json.loads(body)
-
-    ids = {s["study_name"]: s["study_id"] for s in get("/api/studies")["study_summaries"]}
-    return get(f"/api/studies/{ids[name]}")
-
-
 def _check_trials(search: Search, detail: dict) -> dict[int, dict]:
     """Every finished trial shows its one constraint (tax bound - budget) and slot-named
     params; returns the dashboard's trials by number."""
@@ -107,7 +87,7 @@ def _outranked(search: Search) -> list:
 def test_constrained_study_shows_the_constraint_and_a_feasible_best_trial(job, tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     s = _search(job, url)
-    detail = _dashboard(url, s.name)
+    detail = dashboard_study(url, s.name)
     shown = _check_trials(s, detail)
     best = s.best()
     over = _outranked(s)
@@ -132,7 +112,7 @@ def test_constrained_study_shows_the_constraint_and_a_feasible_best_trial(job, t
 def test_pareto_study_shows_only_feasible_trials_on_its_front(job, tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     s = _search({**job, "mode": "pareto", "search": {**job["search"], "sampler": "nsga2"}}, url)
-    detail = _dashboard(url, s.name)
+    detail = dashboard_study(url, s.name)
     _check_trials(s, detail)
     assert _outranked(s)
     front = {t["number"] for t in detail["best_trials"]}
@@ -173,6 +153,6 @@ def test_a_study_begun_with_positional_names_resumes_under_them(job, tmp_path):
     assert done == [0.0, 0.25, 0.5, 0.75, 1.0]  # the baseline went on where it stopped
     assert all(len(t.constraints) == 1 for t in trials)  # one constraint each, either form
     # the dashboard shows the new trials' constraints, and a feasible best
-    detail = _dashboard(url, s.name)
+    detail = dashboard_study(url, s.name)
     assert all(t["constraints"] for t in detail["trials"] if t["number"] >= 2)
     assert [t["number"] for t in detail["best_trials"]] == [s.best().number]
