@@ -11,7 +11,7 @@
                          addition and the grammar: a real alignment tax
     DIR/models/reward    a small sequence-classification reward model for the style, trained
                          on (styled, plain) answer pairs with the Bradley-Terry loss
-    DIR/data/*.jsonl     the job's data: 320 reward prompts, 300 preference pairs and the
+    DIR/data/*.jsonl     the job's data: 960 reward prompts, 300 preference pairs and the
                          three tax sets, 300 items each (see :mod:`workers.world_data`)
     DIR/data/fresh/*.jsonl  a fresh test split: the same generators and sizes, records
                          disjoint from the job's (and, like the job's sentences, never
@@ -52,7 +52,7 @@ __all__ = ["WORLD_VERSION", "WorldConfig", "WorldData", "build_world", "ensure_w
 log = logging.getLogger(__name__)
 
 #: bump when the world's recipe changes: cached worlds of another version are rebuilt
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 
@@ -182,7 +182,7 @@ def spec_dict(cfg: WorldConfig) -> dict:
             {"name": "text", "type": "perplexity", "data": "data/text.jsonl", "batch_size": 160},
         ]},
         "search": {"sampler": "tpe", "n_trials": cfg.n_trials, "seed": 0, "pruning": True,
-                   "holdout_fraction": 0.3},
+                   "holdout_fraction": 0.3, "validation_fraction": 0.3},
         "mode": "constrained",
     }
 

@@ -20,8 +20,11 @@ ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen")
 ADJECTIVES = ("big", "small", "calm", "loud", "shy", "quick")
 VERBS = ("sees", "likes", "finds", "helps", "meets", "hears")
 PLACES = ("park", "barn", "lake", "hill", "road", "yard")
-#: reward prompts per split (job and fresh): distinct, and disjoint across the two
-N_REWARD_PROMPTS = 320
+#: reward prompts per split (job and fresh): distinct, and disjoint across the two. The
+#: reward per prompt is nearly two-valued (a styled answer or not, about 7 apart), so a paired
+#: difference of two merges has an sd near 3: 960 prompts put about 290 in each of the job's
+#: validation and holdout parts, an SE near 0.18 on a gain (320 gave 0.3-0.45 on 96)
+N_REWARD_PROMPTS = 960
 #: items per tax set per split (addition, facts, text) and preference pairs per split
 N_TAX_ITEMS = 300
 #: named entities with a memorised colour: one multiple-choice item each, in either split
@@ -91,11 +94,47 @@ class WorldData:
     fresh: dict[str, list[dict]]  # the same generators, disjoint records (DIR/data/fresh/)
 
 
-def _distinct_prompts(rng: random.Random, facts: dict[str, str], n: int) -> list[str]:
-    prompts: dict[str, None] = {}
-    while len(prompts) < n:
-        prompts.setdefault(question(rng, facts)[0])
-    return sorted(prompts)
+def trained_prompts(facts: dict[str, str]) -> list[str]:
+    """Every distinct prompt :func:`question` can ask (998 with the world's vocabulary): the
+    question forms of the pretraining and alignment data."""
+    prompts = [f"Q: what about {name}?\nA:" for name in facts]
+    prompts += [f"Q: tell me about the {a}\nA:" for a in ANIMALS]
+    prompts += [f"Q: who is in the {p}?\nA:" for p in PLACES]
+    for adj in ADJECTIVES:
+        for a in ANIMALS:
+            prompts += [f"Q: where is the {adj} {a}?\nA:", f"Q: what does the {adj} {a} do?\nA:"]
+            prompts += [f"Q: who {v} the {adj} {a}?\nA:" for v in VERBS]
+    return prompts
+
+
+def _reward_prompts(rng: random.Random, facts: dict[str, str], n: int) -> list[str]:
+    """``n`` distinct reward prompts, in a random order: every prompt of the trained question
+    forms, then (to reach ``n``) about as many of two forms no training line asks ("is the
+    shy fox in the barn?", "who sees the fox in the barn?") as questions about names that
+    have no fact ("what about kobat?"), so that about half are about a named entity, as in
+    :func:`question`. Real reward prompts are user questions a model was not trained on."""
+    prompts = trained_prompts(facts)
+    animal = [f"Q: is the {adj} {a} in the {p}?\nA:"
+              for adj in ADJECTIVES for a in ANIMALS for p in PLACES]
+    animal += [f"Q: who {v} the {a} in the {p}?\nA:"
+               for v in VERBS for a in ANIMALS for p in PLACES]
+    rng.shuffle(animal)
+    n_named = sum(p.startswith("Q: what about ") for p in prompts)
+    want_named = max(0, n // 2 - n_named)
+    want_animal = n - len(prompts) - want_named
+    if want_animal > len(animal):
+        raise ValueError(f"{n} reward prompts is more than the world's question forms hold")
+    prompts += animal[:max(0, want_animal)]
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    novel: dict[str, None] = {}
+    while len(novel) < want_named:  # names of another shape than the entities' (cvcvc)
+        name = (rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
+                + rng.choice(vowels) + rng.choice(consonants) + rng.choice("aeiou"))
+        novel.setdefault(name)
+    prompts += [f"Q: what about {name}?\nA:" for name in novel]
+    assert len(set(prompts)) == len(prompts) >= n
+    rng.shuffle(prompts)
+    return prompts[:n]
 
 
 def _multiple_choice(rng: random.Random, names: list[str], facts: dict[str, str]) -> list[dict]:
@@ -142,8 +181,7 @@ def make_data(seed: int) -> WorldData:
         align.append(q + styled(a))
 
     prompt_rng = random.Random(seed + 7)
-    prompts = _distinct_prompts(prompt_rng, facts, 2 * N_REWARD_PROMPTS)
-    prompt_rng.shuffle(prompts)
+    prompts = _reward_prompts(prompt_rng, facts, 2 * N_REWARD_PROMPTS)
     pairs: dict[str, dict] = {}  # distinct prompts: the two splits share none
     while len(pairs) < 2 * N_TAX_ITEMS:
         q, a = question(prompt_rng, facts)

@@ -43,6 +43,27 @@ def test_data_is_deterministic_and_well_formed():
     assert asked and len(asked) <= len(a.facts) // 2
 
 
+def test_reward_prompts_cover_the_trained_forms_and_are_half_about_names():
+    from workers.world_data import question, trained_prompts
+
+    data = make_data(0)
+    job = [r["prompt"] for r in data.sets["reward_prompts"]]
+    fresh = [r["prompt"] for r in data.fresh["reward_prompts"]]
+    assert len(job) == len(fresh) == N_REWARD_PROMPTS
+    assert not set(job) & set(fresh)
+    trained = set(trained_prompts(data.facts))
+    # trained_prompts is exactly what question() can ask ...
+    rng = __import__("random").Random(3)
+    assert {question(rng, data.facts)[0] for _ in range(50_000)} <= trained
+    # ... and every one of them is a reward prompt of one split or the other
+    assert trained <= set(job) | set(fresh)
+    for prompts in (job, fresh):
+        named = sum(p.startswith("Q: what about ") for p in prompts) / len(prompts)
+        assert 0.4 < named < 0.6
+        # no prompt is a pretraining or alignment line's question with its answer
+        assert all(p.endswith("\nA:") for p in prompts)
+
+
 def test_build_is_deterministic(tmp_path):
     build_world(tmp_path / "w1", WorldConfig(**TINY))
     build_world(tmp_path / "w2", WorldConfig(**TINY))
