@@ -18,10 +18,11 @@ import numpy as np
 from service.errors import MergeError
 from workers.dtypes import DTYPE_SIZES, FLOAT_DTYPES
 
-SUB = 1 << 15  # elements per step (the step's buffers fit the L2 cache)
+SUB = 1 << 16  # elements per step (the step's buffers, 16 bytes an element, stay in cache)
 _NUMERIC = {"F32", "F16", "BF16"}
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 subtract, multiply, add, copyto = np.subtract, np.multiply, np.add, np.copyto
+right_shift, bitwise_and = np.right_shift, np.bitwise_and
 
 
 def supported(src: str, out: str) -> bool:
@@ -32,15 +33,13 @@ def supported(src: str, out: str) -> bool:
 
 
 class Scratch:
-    """One compute thread's buffers, ``SUB`` elements each."""
+    """One compute thread's buffers, ``SUB`` elements each: two float32 (the operands, then the
+    difference and the rounding's bits) and one float64 (the multiply-add)."""
 
     def __init__(self) -> None:
-        self.fb = np.empty(SUB, np.float32)
-        self.fa = np.empty(SUB, np.float32)
-        self.d = np.empty(SUB, np.float32)
-        self.d64 = np.empty(SUB, np.float64)
-        self.t64 = np.empty(SUB, np.float64)
-        self.u = np.empty(SUB, np.uint32)
+        self.x = np.empty(SUB, np.float32)
+        self.y = np.empty(SUB, np.float32)
+        self.p = np.empty(SUB, np.float64)
 
 
 def lerp_into(base: bytearray, aligned: bytearray, out_buf: bytearray, n: int, src: str,
@@ -49,6 +48,9 @@ def lerp_into(base: bytearray, aligned: bytearray, out_buf: bytearray, n: int, s
     ``out_buf`` as dtype ``out``; returns the result's bytes.
 
     A non-floating tensor is passed through (a view of ``base``) and must be equal in both.
+    Per step: two conversions to float32 (none for F32), the difference, the multiply-add in
+    float64 (to float64, multiply, add, back to float32) and the store (six integer passes
+    and a NaN check for BF16), in place in the scratch buffers.
     """
     if src not in FLOAT_DTYPES:
         size = DTYPE_SIZES[src]
@@ -65,19 +67,16 @@ def lerp_into(base: bytearray, aligned: bytearray, out_buf: bytearray, n: int, s
     with np.errstate(all="ignore"):
         for i in range(0, n, SUB):
             k = min(SUB, n - i)
-            if k == SUB:  # the scratch arrays whole: no slicing per step
-                fb, fa, d, d64, t64, u = s.fb, s.fa, s.d, s.d64, s.t64, s.u
-            else:
-                fb, fa, d, d64, t64, u = (s.fb[:k], s.fa[:k], s.d[:k], s.d64[:k], s.t64[:k],
-                                          s.u[:k])
-            fb, fa = _as_f32(b[i:i + k], src, fb), _as_f32(a[i:i + k], src, fa)
+            x, y, p = (s.x, s.y, s.p) if k == SUB else (s.x[:k], s.y[:k], s.p[:k])
+            fb, fa = _as_f32(b[i:i + k], src, x), _as_f32(a[i:i + k], src, y)
+            # the difference goes over the operand the multiply-add does not need
+            start, d, spare = (fb, y, x) if small else (fa, x, y)
             subtract(fa, fb, out=d)  # torch: end - start, in float32
-            copyto(d64, d)
-            multiply(d64, coef, out=d64)  # exact: float32 x float32 fits float64
-            copyto(t64, fb if small else fa)
-            add(d64, t64, out=d64)
-            copyto(d, d64, casting="same_kind")  # the fma's one rounding to float32
-            _store(d, res[i:i + k], out, u)
+            copyto(p, d)
+            multiply(p, coef, out=p)  # exact: float32 x float32 fits float64
+            add(p, start, out=p)
+            copyto(d, p, casting="same_kind")  # the fma's one rounding to float32
+            _store(d, res[i:i + k], out, spare.view(np.uint32))
     return memoryview(out_buf)[: n * DTYPE_SIZES[out]]
 
 
@@ -85,24 +84,28 @@ def _as_f32(x: np.ndarray, src: str, buf: np.ndarray) -> np.ndarray:
     if src == "F32":
         return x
     if src == "BF16":  # bfloat16 is the upper half of a float32
-        np.left_shift(x, 16, out=buf.view(np.uint32), dtype=np.uint32)
+        bits = buf.view(np.uint32)
+        copyto(bits, x)  # widen, then shift in place: cheaper than a widening shift
+        np.left_shift(bits, 16, out=bits)
         return buf
-    np.copyto(buf, x)  # F16 -> F32 is exact
+    copyto(buf, x)  # F16 -> F32 is exact
     return buf
 
 
 def _store(r: np.ndarray, dest: np.ndarray, out: str, u: np.ndarray) -> None:
+    """Write float32 ``r`` to ``dest`` as ``out``; ``u`` is scratch (it may be overwritten,
+    and must not overlap ``r``)."""
     if out == "F32":
-        np.copyto(dest, r)
+        copyto(dest, r)
     elif out == "F16":
-        np.copyto(dest, r, casting="same_kind")  # round to nearest even, as torch
+        copyto(dest, r, casting="same_kind")  # round to nearest even, as torch
     else:  # BF16: round to nearest even (torch's c10::BFloat16), NaN -> 0x7FC0
         bits = r.view(np.uint32)
-        np.right_shift(bits, 16, out=u)
-        np.bitwise_and(u, 1, out=u)
-        np.add(u, 0x7FFF, out=u)
-        np.add(u, bits, out=u)
-        np.right_shift(u, 16, out=dest, casting="unsafe")
-        nan = np.isnan(r)
-        if nan.any():
-            dest[nan] = 0x7FC0
+        right_shift(bits, 16, out=u)
+        bitwise_and(u, 1, out=u)
+        add(u, 0x7FFF, out=u)
+        add(u, bits, out=u)
+        right_shift(u, 16, out=u)
+        copyto(dest, u, casting="unsafe")  # the upper halves: narrowing is cheaper than a shift to uint16
+        if np.isnan(np.maximum.reduce(r)):  # one pass; maximum propagates NaN
+            dest[np.isnan(r)] = 0x7FC0

@@ -130,3 +130,26 @@ def test_small_slots_keep_order_and_bytes(tmp_path, monkeypatch):
     assert len(res.shards) > 2
     merged = read_folder(res.out)
     assert all(torch.equal(merged[n], lerp_merge(b, aligned[n], 0.6)) for n, b in base.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ratio", [0.3, 0.7, 1 / 3])
+def test_cancellation_needs_the_fused_multiply_add(tmp_path, dtype, ratio):
+    """base 3 and aligned -7 (scaled) at ratio 0.3: 0.7 * 3 - 0.3 * 7 cancels to the rounding
+    error of the product, -2**-23 with torch's fma but 0 with a float32 multiply then add
+    (not within 1 bf16 ulp). Every element must still equal torch's, bit for bit."""
+    scale = torch.tensor([2.0 ** e for e in range(-20, 21, 4)])
+    pairs = [(3.0, -7.0), (-3.0, 7.0), (1.0, -2.0), (5.0, -3.0), (7.0, -3.0), (2.0, -1.0)]
+    b = torch.cat([s * scale for s, _ in pairs]).to(dtype)
+    a = torch.cat([t * scale for _, t in pairs]).to(dtype)
+    n = lerp_numpy.SUB + 5  # a whole step and a partial one
+    b, a = b.repeat(n // len(b) + 1)[:n], a.repeat(n // len(a) + 1)[:n]
+    base_dir = _checkpoint(tmp_path / "base", {"model.layers.0.w": b})
+    aligned_dir = _checkpoint(tmp_path / "aligned", {"model.layers.0.w": a})
+    res = export_merge(base_dir, aligned_dir, tmp_path / "out", UNIFORM, [ratio])
+    got, ref = read_folder(res.out)["model.layers.0.w"], lerp_merge(b, a, ratio)
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    if dtype == torch.bfloat16 and ratio == 0.3:  # the case is real: a plain multiply-add misses
+        w = torch.tensor(ratio, dtype=torch.float32)
+        plain = (b.float() + (w * (a.float() - b.float()))).to(dtype)
+        assert not torch.equal(plain, ref)
