@@ -1,9 +1,11 @@
 """The streaming merge of two safetensors checkpoints into shards, without torch.
 
-A bounded pipeline of threads: a reader copies each tensor of both checkpoints, a chunk
-(``CHUNK`` elements) at a time, into one of ``SLOTS`` preallocated slots, and hashes what it
+A bounded pipeline of threads: two readers (one per checkpoint) copy each tensor, a chunk
+(``CHUNK`` elements) at a time, into one of ``SLOTS`` preallocated slots, and hash what they
 read (``PIECE`` bytes at a time, while they are in cache) into a sha256 of each source file,
-so the manifest's hashes cost no second read; compute threads merge each slot with numpy;
+so the manifest's hashes cost no second read and the two checkpoints are hashed in parallel
+(a file whose digest is already known, ``known``, is read but not hashed); compute threads
+merge each slot with numpy;
 the calling thread writes the merged chunks, in plan order, into the shards, and a syncer
 thread ``fdatasync``s them behind the writer. Memory is the slots plus the compute threads'
 scratch, whatever the model size: a slot is reused only once its chunk is written.
@@ -18,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,7 @@ class _Slot:
         self.job: Job | None = None
         self.result: memoryview | None = None
         self.merged = threading.Event()
+        self.halves = 0  # of the two reads (base, aligned), how many are still to do
 
 
 class _FileHash:
@@ -75,16 +78,19 @@ def stream_merge(
     base: Checkpoint, aligned: Checkpoint, shards: Sequence[Sequence[TensorPlan]],
     names: Sequence[str], folder: Path, ratio_of: Callable[[str], float], *,
     sync: bool = True, threads: int | None = None, on_bytes: Callable[[int], None] | None = None,
-    stats: dict[str, float] | None = None,
+    stats: dict[str, float] | None = None, known: Mapping[Path, str] | None = None,
 ) -> dict[str, dict[str, str]]:
     """Write ``shards`` (files ``names`` in ``folder``) as the merge of ``base`` and ``aligned``.
 
-    Returns the sha256 of every source weight file, ``{"base": {file: hex}, "aligned": ...}``.
-    ``stats``, when given, gets the seconds each stage spent working (summed over its
-    threads: read, hash, merge, write, sync), waiting (``wait_*``) and its threads' CPU
-    seconds (``cpu_*``).
+    Returns the sha256 of every source weight file, ``{"base": {file: hex}, "aligned": ...}``,
+    in the checkpoints' file order; the files in ``known`` (path -> hex) are not hashed, their
+    digest is taken from there. ``stats``, when given, gets the seconds each stage spent
+    working (summed over its threads: read, merge, write, sync), waiting (``wait_*``), its
+    threads' CPU seconds (``cpu_read``, ``cpu_read_aligned``, ``cpu_compute``, ``cpu_write``,
+    ``cpu_syncer``; the readers' include ``cpu_hash``, the CPU seconds of sha256).
     """
-    run = _Run(base, aligned, ratio_of, threads or min(2, os.cpu_count() or 1), sync)
+    run = _Run(base, aligned, ratio_of, threads or min(2, os.cpu_count() or 1), sync,
+               known or {})
     run.stats = stats if stats is not None else {}
     try:
         run.start(shards)
@@ -94,13 +100,14 @@ def stream_merge(
         run.stop.set()
         run.join()
         raise
-    return {"base": run.digests(run.hashes[0]), "aligned": run.digests(run.hashes[1])}
+    return {"base": run.digests(0), "aligned": run.digests(1)}
 
 
 class _Run:
     def __init__(self, base: Checkpoint, aligned: Checkpoint, ratio_of: Callable[[str], float],
-                 n_compute: int, sync: bool) -> None:
+                 n_compute: int, sync: bool, known: Mapping[Path, str]) -> None:
         self.sources = (base, aligned)
+        self.known = known
         self.ratio_of = ratio_of
         self.n_compute = n_compute
         self.sync = sync
@@ -111,12 +118,16 @@ class _Run:
             self.free.put(_Slot())
         self.todo: queue.Queue[_Slot | None] = queue.Queue()
         self.order: queue.Queue[_Slot] = queue.Queue()
-        self.hashes = tuple({f: _FileHash(f) for f in c.weight_files} for c in self.sources)
+        self.hashes = tuple({f: _FileHash(f) for f in c.weight_files if f not in known}
+                            for c in self.sources)
         self.fds = tuple({} for _ in self.sources)
         self.sync_q: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.stats: dict[str, float] = {}
         self.stats_lock = threading.Lock()
+        self.aligned_q: queue.Queue[_Slot | None] = queue.Queue()  # base reader -> aligned's
+        self.lock = threading.Lock()
+        self.readers_left = 2
 
     def _took(self, key: str, since: float, clock=time.perf_counter) -> float:
         now = clock()
@@ -133,6 +144,7 @@ class _Run:
             self.threads.append(t)
 
         spawn(self._read, shards)
+        spawn(self._read_aligned)
         for _ in range(self.n_compute):
             spawn(self._compute)
         spawn(self._syncer)
@@ -174,20 +186,45 @@ class _Run:
                     yield Job(plan, b, a, ratio, start, min(CHUNK, n - start))
 
     def _read(self, shards: Sequence[Sequence[TensorPlan]]) -> None:
+        """The base checkpoint's reader: takes a free slot for each job, hands it to the
+        aligned reader and to the writer (in plan order), and reads its half."""
         for job in self._jobs(shards):
             slot = self._get(self.free, "read")
-            t0 = time.perf_counter()
             slot.job = job
             slot.merged.clear()
-            for i, (info, buf) in enumerate(((job.base, slot.b), (job.aligned, slot.a))):
-                size = _size(info.dtype_name)
-                self._read_hashed(i, info.file, memoryview(buf)[: job.count * size],
-                                  info.begin + job.start * size)
-            self._took("read", t0)
-            self.todo.put(slot)
+            slot.halves = 2
             self.order.put(slot)
-        for _ in range(self.n_compute):
-            self.todo.put(None)
+            self.aligned_q.put(slot)
+            self._read_half(0, slot)
+        self.aligned_q.put(None)
+        self._reader_done()
+
+    def _read_aligned(self) -> None:
+        while (slot := self._get(self.aligned_q, "read")) is not None:
+            self._read_half(1, slot)
+        self._reader_done()
+
+    def _read_half(self, i: int, slot: _Slot) -> None:
+        t0 = time.perf_counter()
+        job = slot.job
+        info, buf = (job.base, slot.b) if i == 0 else (job.aligned, slot.a)
+        size = _size(info.dtype_name)
+        self._read_hashed(i, info.file, memoryview(buf)[: job.count * size],
+                          info.begin + job.start * size)
+        self._took("read", t0)
+        with self.lock:
+            slot.halves -= 1
+            whole = slot.halves == 0
+        if whole:  # the second of the two reads to finish hands the slot on
+            self.todo.put(slot)
+
+    def _reader_done(self) -> None:
+        with self.lock:
+            self.readers_left -= 1
+            last = self.readers_left == 0
+        if last:  # every slot is in ``todo`` by now
+            for _ in range(self.n_compute):
+                self.todo.put(None)
 
     def _read_hashed(self, i: int, file: Path, view: memoryview, begin: int) -> None:
         """Read ``view`` from ``begin``; hash it, ``PIECE`` bytes at a time while they are
@@ -196,7 +233,7 @@ class _Run:
         if fh is not None and not fh.broken and fh.pos < begin:  # the header, or a gap
             gap = memoryview(bytearray(begin - fh.pos))
             self._pread(i, file, gap, fh.pos)
-            fh.h.update(gap)
+            self._hash(fh, gap)
             fh.pos = begin
         if fh is None or fh.broken or fh.pos != begin:
             if fh is not None:
@@ -206,8 +243,13 @@ class _Run:
         for k in range(0, len(view), PIECE):
             piece = view[k:k + PIECE]
             self._pread(i, file, piece, begin + k)
-            fh.h.update(piece)
+            self._hash(fh, piece)
         fh.pos = begin + len(view)
+
+    def _hash(self, fh: _FileHash, data: memoryview) -> None:
+        t0 = time.thread_time()
+        fh.h.update(data)
+        self._took("cpu_hash", t0, time.thread_time)
 
     def _pread(self, i: int, file: Path, view: memoryview, offset: int) -> None:
         fd = self.fds[i].get(file)
@@ -296,9 +338,13 @@ class _Run:
         if self.stop.is_set():
             raise _Stopped("stopped")
 
-    def digests(self, hashes: dict[Path, _FileHash]) -> dict[str, str]:
+    def digests(self, i: int) -> dict[str, str]:
         out = {}
-        for file, fh in hashes.items():
+        for file in self.sources[i].weight_files:
+            if file in self.known:
+                out[file.name] = self.known[file]
+                continue
+            fh = self.hashes[i][file]
             if not fh.broken and fh.pos == fh.size:
                 out[file.name] = fh.h.hexdigest()
             else:  # read out of order (or not at all): a second pass over this file
