@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service._version import __version__
-from service.errors import ConflictError, SpecError
+from service.errors import ConflictError, MergeError, SpecError
 from service.settings import DEFAULT_MAX_SHARD_BYTES
 from service.spec import GroupSpec
 from workers.checkpoint import (
@@ -40,6 +40,7 @@ from workers.checkpoint import (
     TensorPlan,
     check_compatible,
     plan_shards,
+    sha256_file,
     sha256_files,
     shard_file_names,
     write_index,
@@ -47,6 +48,7 @@ from workers.checkpoint import (
 )
 from workers.dtypes import FLOAT_DTYPES, TORCH_NAMES, dtype_name
 from workers.grouping import Grouping, build_grouping
+from workers.hashcache import HashCache, changed, file_ids
 from workers.modelcard import CARD, job_provenance, job_section, reproduce_command, write_card
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ def export_merge(
     progress: bool = False,
     sync: bool = True,
     job: dict | None = None,
+    hash_cache: str | Path | bool | None = True,
 ) -> ExportResult:
     """Merge ``base_model`` and ``aligned_model`` with per-group ``ratios`` into folder ``out``.
 
@@ -94,6 +97,10 @@ def export_merge(
     keeps the checkpoint's). ``sync``: fsync the files and folders before and after the
     rename, so a finished export survives a crash. ``job``: the job that chose the ratios
     (:func:`workers.modelcard.job_provenance`), recorded in the manifest and the card.
+    ``hash_cache``: where the sources' sha256 are remembered between exports
+    (workers/hashcache.py; True: ``Settings().cache_dir / "sha256"``, a folder, or False/None
+    to hash every source file every time). Either way a source file that changes while it is
+    merged fails the export.
     """
     started = time.perf_counter()
     asked = _dtype_arg(dtype)
@@ -116,18 +123,31 @@ def export_merge(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     section = job_section(job) if job is not None else None  # hashes the data: before the temp
+    sources = [*base.weight_files, *aligned.weight_files]
+    ids = file_ids(sources)  # before anything is read: what a remembered digest must match
+    cache = _hash_cache(hash_cache)
+    known = cache.lookup(ids) if cache is not None else {}
     tmp = _make_temp_dir(out)
     bar = _progress(total, progress, f"export {out.name}")
     try:
-        if _streamable(base, aligned, plans):
+        streamed = _streamable(base, aligned, plans)
+        if streamed:  # the stream fsyncs its shards itself
             from workers.stream import stream_merge
 
             hashes = stream_merge(base, aligned, shards, names, tmp,
                                   lambda name: grouping.ratio_of(name, ratios),
-                                  sync=sync, on_bytes=bar.update)
+                                  sync=sync, on_bytes=bar.update, known=known)
         else:
             _torch_merge(base, aligned, grouping, ratios, shards, names, tmp, bar)
-            hashes = None
+            hashes = {"base": _sha256s(base.weight_files, known),
+                      "aligned": _sha256s(aligned.weight_files, known)}
+        if moved := changed(ids):
+            raise MergeError(f"{moved[0]} changed while it was being merged; export again "
+                             "once the checkpoint is complete")
+        if cache is not None:
+            by_name = [(c, hashes[which]) for which, c in (("base", base), ("aligned", aligned))]
+            cache.store(ids, {f: h[f.name] for c, h in by_name for f in c.weight_files
+                              if f not in known})
         if len(shards) > 1:
             write_index(tmp, shards, names)
         _copy_side_files(base, aligned, tmp, asked)
@@ -142,7 +162,7 @@ def export_merge(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         write_card(tmp, manifest, out=out, manifest_name=MANIFEST)
         if sync:
-            _sync_folder(tmp, skip=set(names) if hashes is not None else set())
+            _sync_folder(tmp, skip=set(names) if streamed else set())
         _replace_dir(tmp, out)
         if sync:
             _fsync_path(out.parent)
@@ -239,11 +259,26 @@ def _manifest(
         "compute_dtype": "float32 (float64 for float64 tensors)",
         "shards": list(shards),
         "total_bytes": total,
-        "source_sha256": hashes or {  # hashed while read by the stream, else a pass here
+        "source_sha256": hashes or {  # normally given: hashed while read, or remembered
             "base": sha256_files(base.weight_files),
             "aligned": sha256_files(aligned.weight_files),
         },
     }
+
+
+def _hash_cache(where: str | Path | bool | None) -> HashCache | None:
+    if where is None or where is False:
+        return None
+    if where is True:
+        from service.settings import get_settings
+
+        return HashCache(get_settings().cache_dir / "sha256")
+    return HashCache(where)
+
+
+def _sha256s(files: Sequence[Path], known: dict[Path, str]) -> dict[str, str]:
+    """The torch path's digests: remembered, else a pass over the file."""
+    return {f.name: known[f] if f in known else sha256_file(f) for f in files}
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
