@@ -16,6 +16,7 @@ The arithmetic is torch's, in numpy: workers/lerp_numpy.py.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import queue
 import threading
@@ -54,9 +55,11 @@ class _Stopped(Exception):
 
 class _Slot:
     def __init__(self) -> None:
-        self.b = bytearray(CHUNK * 4)
-        self.a = bytearray(CHUNK * 4)
-        self.out = bytearray(CHUNK * 4)
+        # anonymous maps, not bytearrays (which zero every byte): a page becomes resident only
+        # once used, so 2-byte tensors keep half of each slot out of memory
+        self.b = mmap.mmap(-1, CHUNK * 4)
+        self.a = mmap.mmap(-1, CHUNK * 4)
+        self.out = mmap.mmap(-1, CHUNK * 4)
         self.job: Job | None = None
         self.result: memoryview | None = None
         self.merged = threading.Event()
