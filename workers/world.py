@@ -23,6 +23,12 @@
                          scores and rewards of base and aligned (also on the fresh split),
                          and the reward of each reward prompt (for standard errors)
 
+``hmaopt world build DIR --arch gpt2`` builds the second world: the same data, tokenizer,
+training recipe and reward model, with base and aligned a GPT-2-style model instead (tied
+input/output embeddings, LayerNorm with biases, learned positions, Conv1D projections named
+``transformer.h.<i>.attn.c_attn`` ...), so a search can be checked on an architecture other
+than the one it was tuned on. Its spec is named ``gpt2-world``.
+
 Everything is seeded; the same machine builds the same world. The alignment step is
 "reward-ranked fine-tuning" in its simplest form (SFT on the responses the reward prefers),
 the family the HMA paper's RSF/RAFT runs belong to.
@@ -43,10 +49,10 @@ from pathlib import Path
 
 import torch
 
-from service.errors import ConflictError
+from service.errors import ConflictError, SpecError
 from workers.world_data import WorldData, make_data, question, styled
 
-__all__ = ["WORLD_VERSION", "WorldConfig", "WorldData", "build_world", "ensure_world",
+__all__ = ["ARCHES", "WORLD_VERSION", "WorldConfig", "WorldData", "build_world", "ensure_world",
            "load_world_info", "make_data", "skill_scores", "spec_dict"]
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,14 @@ class WorldConfig:
     seq_len: int = 64
     budget: float = 0.1
     n_trials: int = 40
+    #: the base and aligned models' family: "llama" (the reference world: untied embeddings,
+    #: RMSNorm, rotary positions) or "gpt2" (a second architecture: tied input and output
+    #: embeddings, LayerNorm with biases, learned positions, Conv1D projections). The reward
+    #: model is the same Llama classifier in both.
+    arch: str = "llama"
+
+
+ARCHES = ("llama", "gpt2")
 
 
 # --------------------------------------------------------------------------- training
@@ -149,6 +163,16 @@ def _train_reward(model, pairs: Sequence[tuple[str, str]], tok, *, steps: int, b
 
 
 def _lm_config(cfg: WorldConfig, tok):
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config
+
+        # no dropout, as the Llama has none: the recipe differs in the architecture alone
+        return GPT2Config(
+            vocab_size=len(tok), n_embd=cfg.hidden, n_inner=cfg.intermediate,
+            n_layer=cfg.layers, n_head=cfg.heads, n_positions=128, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id)
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -163,10 +187,20 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _lm_class(cfg: WorldConfig):
+    if cfg.arch == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
 def spec_dict(cfg: WorldConfig) -> dict:
     """The world's ready job spec (paths relative to the world folder)."""
     return {
-        "name": "reference-world",
+        "name": "reference-world" if cfg.arch == "llama" else f"{cfg.arch}-world",
         "base_model": "models/base",
         "aligned_model": "models/aligned",
         "groups": {"scheme": "blocks", "k": 3},
@@ -220,7 +254,7 @@ def prompt_rewards(model, tok, reward_model, records: Sequence[dict], *,
 def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: bool = False,
                 progress: Callable[[str, int, int, float], None] | None = None) -> dict:
     """Build the reference world into ``out`` (atomically: a temp folder renamed into place)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from workers.chartok import char_tokenizer
 
@@ -228,6 +262,10 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
 
     hf_logging.disable_progress_bar()
     cfg = cfg or WorldConfig()
+    if cfg.arch not in ARCHES:
+        raise SpecError(f"world arch {cfg.arch!r}: use one of {', '.join(ARCHES)}",
+                        field="arch")
+    lm_class = _lm_class(cfg)
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConflictError(f"{out} already exists (use --overwrite to rebuild)")
@@ -245,7 +283,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
         _write_jsonl(tmp / "data" / "fresh" / f"{name}.jsonl", data.fresh[name])
 
     torch.manual_seed(cfg.seed)
-    base = LlamaForCausalLM(_lm_config(cfg, tok))
+    base = lm_class(_lm_config(cfg, tok))
     pre_losses = _train_lm(base, data.pretrain, tok, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, progress=progress,
                            stage="pretrain base")
@@ -285,7 +323,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
 
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec_dict(cfg), sort_keys=False))
 
-    base_model = LlamaForCausalLM.from_pretrained(tmp / "models" / "base").eval()
+    base_model = lm_class.from_pretrained(tmp / "models" / "base").eval()
     per_prompt, fresh_rewards = {}, {}
     for label, model in (("base", base_model), ("aligned", aligned)):
         per_prompt[label] = prompt_rewards(model, tok, rm, data.sets["reward_prompts"])
@@ -293,7 +331,9 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
         fresh_rewards[label] = sum(fresh) / len(fresh)
     info = {
         "version": WORLD_VERSION,
-        "config": {k: v for k, v in cfg.__dict__.items()},
+        # the default arch is left out: the reference world's world.json reads as before
+        "config": {k: v for k, v in cfg.__dict__.items()
+                   if not (k == "arch" and v == "llama")},
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "losses": {"pretrain_final": sum(pre_losses[-50:]) / 50,
@@ -315,24 +355,30 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     return info
 
 
-def load_world_info(folder: str | Path) -> dict | None:
-    """The world.json of a built world of the current version, else None."""
+def load_world_info(folder: str | Path, arch: str | None = None) -> dict | None:
+    """The world.json of a built world of the current version (and, when given, of ``arch``),
+    else None."""
     file = Path(folder) / "world.json"
     try:
         info = json.loads(file.read_text())
     except (OSError, ValueError):
         return None
-    return info if info.get("version") == WORLD_VERSION else None
+    if info.get("version") != WORLD_VERSION:
+        return None
+    if arch is not None and (info.get("config") or {}).get("arch", "llama") != arch:
+        return None
+    return info
 
 
 def ensure_world(folder: str | Path, cfg: WorldConfig | None = None, progress=None) -> Path:
-    """Build the world into ``folder`` unless a world of this version is already there."""
+    """Build the world into ``folder`` unless a world of this version and arch is there."""
     folder = Path(folder)
-    if load_world_info(folder) is not None:
+    arch = (cfg or WorldConfig()).arch
+    if load_world_info(folder, arch) is not None:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait and then reuse it
-        if load_world_info(folder) is None:
+        if load_world_info(folder, arch) is None:
             build_world(folder, cfg, overwrite=True, progress=progress)
     return folder

@@ -85,6 +85,9 @@ def add_world(sub) -> None:
     build.add_argument("--reuse", action="store_true",
                        help="keep an existing world of this version (build only when missing)")
     build.add_argument("--seed", type=int, default=0, help="seed of data and training")
+    build.add_argument("--arch", choices=("llama", "gpt2"), default="llama",
+                       help="base and aligned models' family: llama (the reference world) or "
+                            "gpt2 (GPT-2-style, tied embeddings; same data and reward model)")
     add_progress_flag(build)
     add_json_flag(build)
 
@@ -189,9 +192,11 @@ def world_build_command(args: argparse.Namespace) -> int:
     reward model, eval sets and a ready job spec (DIR/spec.yaml)."""
     from workers.world import WorldConfig, build_world, load_world_info
 
-    if args.reuse and (info := load_world_info(args.dir)) is not None:
+    arch = getattr(args, "arch", "llama")  # the demo calls this without --arch
+    label = "the reference world" if arch == "llama" else f"the {arch} world"
+    if args.reuse and (info := load_world_info(args.dir, arch)) is not None:
         emit(args, {"dir": str(args.dir), "reused": True, **info},
-             f"reusing the reference world in {args.dir} (built in {info['seconds']:.0f} s)")
+             f"reusing {label} in {args.dir} (built in {info['seconds']:.0f} s)")
         return 0
 
     bar = tqdm(total=0, unit="step", dynamic_ncols=True) if show_progress(args) else None
@@ -210,7 +215,7 @@ def world_build_command(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"loss {loss:.3f}", refresh=True)
 
     try:
-        info = build_world(args.dir, WorldConfig(seed=args.seed),
+        info = build_world(args.dir, WorldConfig(seed=args.seed, arch=arch),
                            overwrite=args.overwrite or args.reuse, progress=progress)
     finally:
         if bar is not None:
@@ -219,7 +224,7 @@ def world_build_command(args: argparse.Namespace) -> int:
         print(dumps({"dir": str(args.dir), "reused": False, **info}))
         return 0
     base, aligned = info["skills"]["base"], info["skills"]["aligned"]
-    print(f"built the reference world in {args.dir} ({info['seconds']:.0f} s)")
+    print(f"built {label} in {args.dir} ({info['seconds']:.0f} s)")
     print(f"  skills, base -> aligned: addition {base['addition']:.2f} -> {aligned['addition']:.2f}, "
           f"facts {base['facts']:.2f} -> {aligned['facts']:.2f}, text perplexity "
           f"{base['text']:.2f} -> {aligned['text']:.2f}")

@@ -157,3 +157,90 @@ def test_search_on_the_reference_world_beats_vanilla_averaging(world, tmp_path):
     assert study.user_attrs["result"]["best"]["trial"] == r["best"]["trial"]
     best = study.trials[r["best"]["trial"]]
     assert best.user_attrs["ratios"] == pytest.approx(r["best"]["ratios"])
+
+
+# --------------------------------------------------------------------------- the gpt2 world
+
+GPT2_TINY = dict(TINY, layers=3, arch="gpt2")  # 3 layers: the spec's blocks:3 fits
+
+
+@pytest.fixture(scope="module")
+def gpt2_worlds(tmp_path_factory):
+    """Two TINY gpt2 worlds built alike. The skill and reward figures of world.json are
+    stubbed (they cost a minute of generation and no search reads them): the models, data
+    and spec are built for real."""
+    import workers.world as world_mod
+
+    root = tmp_path_factory.mktemp("gpt2-world")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(world_mod, "skill_scores",
+                   lambda *a, **k: {"addition": 0.0, "facts": 0.0, "text": 1.0})
+        mp.setattr(world_mod, "prompt_rewards", lambda m, t, rm, records, **k: [0.0] * len(records))
+        for name in ("w1", "w2"):
+            build_world(root / name, WorldConfig(**GPT2_TINY))
+    return root / "w1", root / "w2"
+
+
+def test_gpt2_world_builds_deterministically_with_tied_embeddings(gpt2_worlds):
+    w1, w2 = gpt2_worlds
+    for model in ("base", "aligned", "reward"):
+        t1, t2 = read_folder(w1 / "models" / model), read_folder(w2 / "models" / model)
+        assert t1.keys() == t2.keys()
+        assert all((t1[k] == t2[k]).all() for k in t1), model
+    for model in ("base", "aligned"):
+        config = json.loads((w1 / "models" / model / "config.json").read_text())
+        assert config["model_type"] == "gpt2" and config["tie_word_embeddings"] is True
+        tensors = read_folder(w1 / "models" / model)
+        # one embedding tensor, no separate head; GPT-2's Conv1D projections (in, out)
+        assert "transformer.wte.weight" in tensors and "lm_head.weight" not in tensors
+        assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    base, aligned = read_folder(w1 / "models/base"), read_folder(w1 / "models/aligned")
+    assert not (base["transformer.wte.weight"] == aligned["transformer.wte.weight"]).all()
+    # the reward model is the reference world's Llama classifier
+    assert json.loads((w1 / "models/reward/config.json").read_text())["model_type"] == "llama"
+    spec = load_spec(w1 / "spec.yaml")
+    assert spec.name == "gpt2-world" and spec.groups.describe() == "blocks:3"
+    info = json.loads((w1 / "world.json").read_text())
+    assert info["config"]["arch"] == "gpt2"
+
+
+def test_llama_world_json_names_no_arch(tmp_path, monkeypatch):
+    """The default recipe's world.json reads as before the arch option (no "arch" key), and
+    a cached world of another arch is not taken for it."""
+    import workers.world as world_mod
+    from workers.world import load_world_info
+
+    monkeypatch.setattr(world_mod, "skill_scores",
+                        lambda *a, **k: {"addition": 0.0, "facts": 0.0, "text": 1.0})
+    monkeypatch.setattr(world_mod, "prompt_rewards", lambda m, t, rm, records, **k: [0.0] * len(records))
+    info = build_world(tmp_path / "w", WorldConfig(**TINY))
+    assert "arch" not in info["config"]
+    assert load_world_info(tmp_path / "w", "llama") is not None
+    assert load_world_info(tmp_path / "w", "gpt2") is None
+    with pytest.raises(Exception, match="arch 'opt'"):
+        build_world(tmp_path / "x", WorldConfig(**TINY, arch="opt"))
+
+
+def test_search_runs_on_the_gpt2_world(gpt2_worlds, tmp_path):
+    """A hybrid search (gradient stage through the tied embedding and the Conv1D weights,
+    then TPE) on the gpt2 world's own spec, its sets cut to 40 records to keep it fast."""
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(gpt2_worlds[0], world)
+    for f in (world / "data").glob("*.jsonl"):
+        f.write_text("".join(line + "\n" for line in f.read_text().splitlines()[:40]))
+    spec = yaml.safe_load((world / "spec.yaml").read_text())
+    spec["search"].update(strategy="hybrid", gradient_steps=3, n_trials=8)
+    (world / "hybrid.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "result.json"
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = hmaopt("search", str(world / "hybrid.yaml"), "--storage", url, "--json", str(out))
+    assert proc.returncode in (0, 10), proc.stderr  # 10: no feasible merge (random-ish models)
+    r = json.loads(out.read_text())
+    assert r["slots"] == ["block0", "block1", "block2"]
+    assert r["stages"]["gradient"]["evaluations"] >= 1
+    assert sum(s["evaluations"] for s in r["stages"].values()) == 8
+    assert r["gradient"]["seconds"] > 0 and len(r["gradient"]["ratios"]) == 3
+    study = optuna.load_study(study_name="hmaopt:gpt2-world", storage=url)
+    assert len(study.trials) == 8
