@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -153,3 +154,23 @@ def test_cancellation_needs_the_fused_multiply_add(tmp_path, dtype, ratio):
         w = torch.tensor(ratio, dtype=torch.float32)
         plain = (b.float() + (w * (a.float() - b.float()))).to(dtype)
         assert not torch.equal(plain, ref)
+
+
+@pytest.mark.parametrize("which", ["base", "aligned"])
+def test_a_source_truncated_under_the_reader_fails_cleanly(tmp_path, monkeypatch, which):
+    """Either reader's error stops the whole pipeline (no thread left waiting) and the
+    export leaves nothing behind."""
+    base_dir, aligned_dir, _, _ = _pair(tmp_path, torch.bfloat16)
+    monkeypatch.setattr(stream, "CHUNK", 256)
+    monkeypatch.setattr(stream, "SLOTS", 2)
+    real = stream.stream_merge
+
+    def truncate_then_merge(*args, **kwargs):
+        victim = (base_dir if which == "base" else aligned_dir) / "model.safetensors"
+        os.truncate(victim, victim.stat().st_size - 3000)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "stream_merge", truncate_then_merge)
+    with pytest.raises(MergeError, match="truncated"):
+        export_merge(base_dir, aligned_dir, tmp_path / "out", UNIFORM, [0.5], hash_cache=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "base"]
