@@ -14,6 +14,11 @@ torch-free pipeline in workers/stream.py: reading, hashing, merging and writing 
 and peak memory is its fixed slots, independent of the model size. Anything else (pickle,
 F64 or F8 tensors) takes the torch path: each tensor read from both checkpoints, merged by
 :func:`workers.merge.lerp_merge` and written before the next is read.
+
+The manifest's sha256 of each source file is computed while the stream reads it (the torch
+path: a pass after the merge), or taken from workers/hashcache.py when the file is the one
+hashed before (same device, inode, size, mtime and ctime); a source that changes during the
+export fails it.
 """
 
 from __future__ import annotations
