@@ -378,3 +378,73 @@ def test_job_page_flags_error_bars_and_the_held_out_panel(browser, stack, tiny_s
                           ".map(t => [t.customdata, t.error_y.array, t.error_x.array])")
     assert stars == [[[2], [0.2], [0.01]]] * 2
     page.close()
+
+
+def test_job_page_shows_the_stage_that_found_the_answer(browser, stack, tiny_spec):
+    """A hybrid job: the stages panel waits for the result, then (swapped in without a
+    reload, and on the server after one) names the stage that found the answer and the
+    evaluations each stage spent, the gradient descent's cost in evaluation equivalents."""
+    from service import queue
+    from service.db import jobs as job_db
+    from service.db import session_scope
+    from service.status import JobStatus
+    from workers.results import jsonable
+
+    with stack.client() as api:
+        body = {**tiny_spec, "name": "hybrid", "tax": {**tiny_spec["tax"], "budget": 0.1},
+                "search": {**tiny_spec["search"], "strategy": "hybrid"}}
+        job_id = api.post("/v1/jobs", json=body).json()["id"]
+    with session_scope(stack.settings.database()) as s:
+        job_db.set_status(s, job_id, JobStatus.RUNNING)
+        for t in (_measured(0, 1.0, 0.0, "uniform", ratio=0.0), _measured(1, 2.0, 0.05, "uniform", ratio=0.5),
+                  _measured(2, 2.2, 0.04, "gradient"), _measured(3, 2.6, 0.09, "gradient"),
+                  _measured(4, 2.4, 0.07), {**_trial(5, None, 0.3, feasible=False, state="pruned")}):
+            job_db.add_trial(s, job_id, **t)
+        job_db.refresh_progress(s, job_id)
+        s.get(job_db.Job, job_id).layout = LAYOUT
+    page, requests = _signed_in(browser, stack, "viewer", f"/ui/jobs/{job_id}")
+    page.wait_for_function("() => document.getElementById('scatter').data")
+    assert "when the search finishes" in page.inner_text("#stages")
+    assert page.locator("#stages table.stages").count() == 0
+
+    result = _result([])
+    result["best"] = {**result["best"], "trial": 3, "kind": "gradient", "reward": 2.6,
+                      "tax": 0.09, "chosen_by": "search"}
+    result["finalists"] = []
+    result.update(found_by="gradient", stages={
+        "uniform": {"evaluations": 2, "pruned": 0, "best_reward": 2.0},
+        "gradient": {"evaluations": 2, "pruned": 0, "best_reward": 2.6},
+        "search": {"evaluations": 2, "pruned": 1, "best_reward": 2.4}},
+        gradient={"ratios": [0.31234, 0.8], "seconds": 3.8, "steps": 30, "responses": 120,
+                  "eval_equivalents": 6.52, "target_uniform_ratio": 0.5, "final_loss": 1.2})
+    with session_scope(stack.settings.database()) as s:
+        assert job_db.write_result(s, job_id, jsonable(result)) is JobStatus.RUNNING
+        job_db.set_status(s, job_id, JobStatus.SUCCEEDED)
+    queue.publish(stack.settings, job_id, "status", {"status": "succeeded", "error": None})
+
+    def check(page) -> None:
+        panel = page.locator("#stages")
+        assert panel.get_attribute("data-found-by") == "gradient"
+        found = panel.locator(".found-by").inner_text()
+        assert "trial 3" in found and "gradient stage" in found
+        rows = panel.locator("table.stages tbody tr")
+        assert [r.get_attribute("data-stage") for r in rows.all()] == ["uniform", "gradient",
+                                                                      "search"]
+        cells = lambda stage: [c.inner_text() for c in
+                               panel.locator(f"tr[data-stage='{stage}'] td").all()]
+        assert cells("uniform") == ["uniform baseline (vanilla averaging)", "2", "0", "2", ""]
+        assert cells("gradient")[1:] == ["2 + 6.5", "0", "2.6", "★ yes"]
+        assert cells("search") == ["sampler (tpe)", "2", "1", "2.4", ""]
+        assert panel.locator("tr.found").get_attribute("data-stage") == "gradient"
+        assert panel.locator("tfoot .total").inner_text() == "6 + 6.5"
+        cost = panel.locator(".gradient-cost").inner_text()
+        assert "3.8 s" in cost and "30 Adam steps" in cost and "6.5 evaluations" in cost
+        assert "0.312, 0.8" in cost and "weight on the aligned model" in cost
+
+    page.wait_for_selector("#stages table.stages", timeout=10_000)  # swapped in, no reload
+    check(page)
+    page.reload()  # rendered on the server alike
+    page.wait_for_function("() => document.getElementById('scatter').data")
+    check(page)
+    assert all(u.startswith(stack.url) for u in requests), requests
+    page.close()

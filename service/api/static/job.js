@@ -4,7 +4,8 @@
 // the figures (Plotly.extendTraces); only a new best or baseline point redraws. The best
 // trial and the uniform-α points carry ±1 SE error bars; once the job has its result, the
 // "best" is its answer (chosen on the validation data) and the held-out panel and the flags
-// banner are swapped in from /ui/jobs/{id}/answer (server-rendered, as on first load).
+// banner, and the stages panel (which stage found the answer, evaluations per stage), are
+// swapped in from /ui/jobs/{id}/answer (server-rendered, as on first load).
 "use strict";
 (function () {
   const H = window.hmaopt;
@@ -152,14 +153,15 @@
   // ------------------------------------------------------------------ the answer
   const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
   let answerAsked = false;
-  // The flags banner and the held-out panel as the server renders them, once the job ended.
+  // The flags banner, the held-out panel and the stages as the server renders them, once
+  // the job ended.
   async function refreshAnswer() {
     if (answerAsked) return;
     answerAsked = true;
     const r = await fetch(`/ui/jobs/${jobId}/answer`, {credentials: "same-origin"});
     if (!r.ok) return;
     const doc = new DOMParser().parseFromString(await r.text(), "text/html");
-    for (const id of ["flags-slot", "holdout"]) {
+    for (const id of ["flags-slot", "holdout", "stages"]) {
       const fresh = doc.getElementById(id);
       if (fresh) document.getElementById(id).replaceWith(document.adoptNode(fresh));
     }
