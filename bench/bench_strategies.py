@@ -1,32 +1,125 @@
-"""Search strategies on the reference world: evaluations to a good feasible merge.
+"""Search strategies on the reference world and the GPT-2 world: evaluations to a good
+feasible merge.
 
-Per seed, on one loaded world (in-memory studies): tpe cold (the default, with the walk to
-the budget), tpe without the walk (walk_steps 0), random, cmaes, gp, hybrid (the gradient
-stage, then tpe) and gradient alone. Reported: the best feasible search reward after N
-evaluations (the gradient stage counted in evaluation equivalents), evaluations to 99 % of
-the way from the base reward to the best feasible reward any run found, and the gradient
-stage's wall time beside a trial's.
+Per world (``--world``: ``reference`` is the cache's default world, ``gpt2`` the cache's
+``world-gpt2``, built with ``hmaopt world build --arch gpt2`` when missing, or a folder) and
+per seed, in-memory studies on the world's own job spec (``blocks:3``, budget 0.1, bisection
+baseline). Arms:
 
-    python bench/bench_strategies.py [--world DIR] [--seeds 3] [--trials 40] [--json FILE]
+- cold samplers: tpe (the default), random, cmaes, gp, 40 evaluations each;
+- hybrid (the gradient stage, then tpe), 40 evaluations;
+- gradient alone: the hybrid run's trials before the sampler's first (``strategy:
+  gradient`` runs exactly these: the baseline, the gradient direction and its ray), so it is
+  read off the hybrid run, not run again (``--arms gradient`` runs it on its own);
+- the same with ``groups: layers`` (one ratio per decoder layer, 6 on both worlds):
+  hybrid-layers and tpe-layers, 20 evaluations, against blocks:3 at the same count.
+
+Reported per world: the best feasible search reward after N evaluations (the gradient stage
+counted in evaluation equivalents: its seconds over a trial's median), evaluations to 99 % of
+the way from the lowest reward any run measured to the best feasible reward any run found,
+and the gradient stage's wall time beside a trial's.
+
+Runs go in priority order (``--arms`` first, every seed and world, then ``--extra-arms``
+seed by seed) and stop being started after ``--deadline-minutes``; the JSON is rewritten
+after every run, so a cut run keeps what it measured. Evaluations are memoised per world (a
+ratio vector measured once is not measured again: the same merged weights and data give the
+same figures, greedy decoding): every run still counts them, only the wall time is saved
+(mostly the bisection baseline, which every run of a world repeats). Torch runs with
+``--threads`` threads (default 1: on a shared 2-core machine one thread was 5x faster than
+two).
+
+    python bench/bench_strategies.py [--world reference --world gpt2] [--seeds 5]
+        [--arms tpe,hybrid,hybrid-layers] [--extra-arms tpe-layers,random,cmaes,gp]
+        [--deadline-minutes 42] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
 import time
+from pathlib import Path
 
-from _common import machine_info, table, world_job, write_json  # bench/ is the script's folder
+from _common import machine_info, table  # bench/ is the script's folder
 
-ARMS = {  # name -> (spec.search overrides, trials)
-    "tpe": ({"sampler": "tpe"}, None),
-    "tpe-nowalk": ({"sampler": "tpe", "walk_steps": 0}, None),
-    "random": ({"sampler": "random"}, None),
-    "cmaes": ({"sampler": "cmaes"}, None),
-    "gp": ({"sampler": "gp"}, None),
-    "hybrid": ({"sampler": "tpe", "strategy": "hybrid"}, 20),
-    "gradient": ({"sampler": "tpe", "strategy": "gradient"}, 20),
+#: name -> (spec.search overrides, groups (None: the spec's), evaluations)
+ARMS: dict[str, tuple[dict, dict | None, int]] = {
+    "tpe": ({"sampler": "tpe"}, None, 40),
+    "random": ({"sampler": "random"}, None, 40),
+    "cmaes": ({"sampler": "cmaes"}, None, 40),
+    "gp": ({"sampler": "gp"}, None, 40),
+    "hybrid": ({"sampler": "tpe", "strategy": "hybrid"}, None, 40),
+    "gradient": ({"sampler": "tpe", "strategy": "gradient"}, None, 20),
+    "hybrid-layers": ({"sampler": "tpe", "strategy": "hybrid"}, {"scheme": "layers"}, 20),
+    "tpe-layers": ({"sampler": "tpe"}, {"scheme": "layers"}, 20),
 }
+COLD = ("tpe", "random", "cmaes", "gp")
+AT = (10, 15, 20, 30, 40)
+
+
+def world_folder(name: str) -> Path:
+    from service.settings import get_settings
+    from workers.world import WorldConfig, ensure_world
+
+    cache = get_settings().cache_dir
+    if name == "reference":
+        return ensure_world(cache / "world")
+    if name == "gpt2":
+        return ensure_world(cache / "world-gpt2", WorldConfig(arch="gpt2"))
+    return Path(name)
+
+
+class World:
+    """One world's spec, and a merger and evaluator per grouping, evaluations memoised."""
+
+    def __init__(self, name: str) -> None:
+        from service.spec import load_spec
+
+        self.name = name
+        self.folder = world_folder(name)
+        self.spec = load_spec(self.folder / "spec.yaml")
+        self.jobs: dict[str, tuple] = {}
+        self.memo: dict[tuple, object] = {}
+        self.hits = self.misses = 0
+        self.seconds_saved = 0.0
+
+    def job(self, groups: dict | None):
+        from service.spec import JobSpec
+        from workers.search import load_job, measure_base
+
+        key = json.dumps(groups, sort_keys=True)
+        if key not in self.jobs:
+            data = self.spec.model_dump(mode="json")
+            if groups is not None:
+                data["groups"] = groups
+            merger, ev = load_job(JobSpec.model_validate(data), device="auto")
+            measure_base(merger, ev)
+            self._memoise(merger, ev)
+            self.jobs[key] = (merger, ev)
+        return self.jobs[key]
+
+    def _memoise(self, merger, ev) -> None:
+        evaluate = ev.evaluate
+
+        def memoised(*, budget=None, prune_margin=0.0, on_batch=None, on_stage=None):
+            ratios = tuple(merger.ratios)
+            # one ratio everywhere is the same merge under any grouping (the nearest rule)
+            vector = ("uniform", ratios[0]) if len(set(ratios)) == 1 else ratios
+            key = (vector, budget, prune_margin)
+            if key in self.memo and on_stage is None:
+                self.hits += 1
+                m = copy.deepcopy(self.memo[key])
+                self.seconds_saved += m.seconds
+                return m
+            self.misses += 1
+            m = evaluate(budget=budget, prune_margin=prune_margin, on_batch=on_batch,
+                         on_stage=on_stage)
+            self.memo[key] = copy.deepcopy(m)
+            return m
+
+        ev.evaluate = memoised
 
 
 def curve(records, offset: float, n: int) -> list[float | None]:
@@ -39,70 +132,180 @@ def curve(records, offset: float, n: int) -> list[float | None]:
     return out[:n]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--world", default=None)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--json", dest="json_out", default=None)
-    args = ap.parse_args()
-
+def run_one(world: World, arm: str, seed: int, max_trials: int | None = None) -> dict:
     from service.spec import JobSpec
     from workers.search import Search
 
-    _, spec, merger, ev = world_job(args.world)
-    arms = [a for a in args.arms.split(",") if a]
-    runs: dict[str, list] = {}
-    for arm in arms:
-        overrides, trials = ARMS[arm]
-        for seed in range(args.seeds):
-            data = spec.model_dump(mode="json")
-            data["search"].update(overrides, seed=seed, n_trials=trials or args.trials)
-            s = JobSpec.model_validate(data)
-            search = Search(s, merger, ev, name=f"{arm}-{seed}")
-            t0 = time.perf_counter()
-            search.run()
-            wall = time.perf_counter() - t0
-            recs = search.records()
-            grad = search.study.user_attrs.get("gradient")
-            per_trial = statistics.median(r.eval_seconds + r.merge_seconds for r in recs)
-            runs.setdefault(arm, []).append({
-                "records": recs, "wall": wall, "per_trial": per_trial, "gradient": grad,
-                "offset": (grad or {}).get("eval_equivalents") or 0.0})
-            best = max((r.reward for r in recs if r.feasible and r.reward is not None),
-                       default=None)
-            print(f"{arm} seed {seed}: {len(recs)} trials, best {best}, {wall:.0f} s"
-                  + (f", gradient stage {grad['seconds']:.1f} s = "
-                     f"{grad['eval_equivalents']:.1f} evaluations" if grad else ""), flush=True)
-    best_known = max(r.reward for rs in runs.values() for run in rs for r in run["records"]
-                     if r.feasible and r.reward is not None)
-    r0 = min(r.reward for rs in runs.values() for run in rs for r in run["records"]
-             if r.reward is not None)
+    overrides, groups, trials = ARMS[arm]
+    trials = min(trials, max_trials or trials)
+    merger, ev = world.job(groups)
+    data = world.spec.model_dump(mode="json")
+    if groups is not None:
+        data["groups"] = groups
+    data["search"].update(overrides, seed=seed, n_trials=trials)
+    search = Search(JobSpec.model_validate(data), merger, ev, name=f"{world.name}-{arm}-{seed}")
+    t0 = time.perf_counter()
+    search.run()
+    wall = time.perf_counter() - t0
+    recs = search.records()
+    grad = search.study.user_attrs.get("gradient")
+    full = [r.eval_seconds + r.merge_seconds for r in recs if r.stage == 2]
+    return {"arm": arm, "seed": seed, "records": recs, "wall": wall,
+            "per_trial": statistics.median(full) if full else None, "gradient": grad,
+            "offset": (grad or {}).get("eval_equivalents") or 0.0,
+            "best_uniform": max((r.reward for r in recs if r.kind == "uniform" and r.feasible
+                                 and r.reward is not None), default=None)}
+
+
+def derived_gradient(run: dict) -> dict:
+    """The gradient strategy's run, read off a hybrid run: its trials before the sampler's."""
+    recs = sorted(run["records"], key=lambda r: r.number)
+    first = next((i for i, r in enumerate(recs) if r.kind == "search"), len(recs))
+    return {**run, "arm": "gradient", "records": recs[:first], "derived": True}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per arm of one world: reach to 99 %, best @N per seed, costs."""
+    feasible = [r.reward for run in runs for r in run["records"]
+                if r.feasible and r.reward is not None]
+    if not feasible:
+        return {}
+    best_known = max(feasible)
+    r0 = min(r.reward for run in runs for r in run["records"] if r.reward is not None)
     threshold = r0 + 0.99 * (best_known - r0)
-    n_max = args.trials + 10
-    rows, summary = [], {}
-    for arm, rs in runs.items():
+    arms: dict[str, list[dict]] = {}
+    for run in runs:
+        arms.setdefault(run["arm"], []).append(run)
+        if run["arm"] == "hybrid":
+            arms.setdefault("gradient", []).append(derived_gradient(run))
+    out = {"best_known": best_known, "lowest": r0, "threshold": threshold, "arms": {}}
+    for arm, rs in arms.items():
+        rs = sorted(rs, key=lambda run: run["seed"])
+        n_max = max(AT)
         curves = [curve(run["records"], run["offset"], n_max) for run in rs]
         reach = [next((i + 1 for i, v in enumerate(c) if v is not None and v >= threshold),
                       None) for c in curves]
-        at = {n: [c[n - 1] if len(c) >= n else c[-1] for c in curves] for n in (15, 20, 40)}
-        summary[arm] = {"reach_99": reach, "best_at": at,
-                        "per_trial_s": statistics.median(run["per_trial"] for run in rs),
-                        "gradient_s": [run["gradient"]["seconds"] for run in rs
-                                       if run["gradient"]],
-                        "evaluations": [len(run["records"]) + run["offset"] for run in rs]}
-        fmt = lambda xs: " ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
-        rows.append([arm, " ".join(str(x) if x else ">" for x in reach), fmt(at[15]),
-                     fmt(at[20]), fmt(at[40]),
-                     f"{statistics.median(run['per_trial'] for run in rs):.2f}",
-                     fmt(summary[arm]["gradient_s"]) or "-"])
-    print(f"best feasible reward found by any run: {best_known:.4f}; 99 % of the way from "
-          f"{r0:.4f}: {threshold:.4f}")
+        at = {n: [(c[n - 1] if len(c) >= n else (c[-1] if c else None)) for c in curves]
+              for n in AT}
+        out["arms"][arm] = {
+            "seeds": [run["seed"] for run in rs], "reach_99": reach,
+            "best_at": at, "final": [c[-1] if c else None for c in curves],
+            "evaluations": [round(len(run["records"]) + run["offset"], 1) for run in rs],
+            "per_trial_s": [run["per_trial"] for run in rs],
+            "wall_s": [round(run["wall"], 1) for run in rs],
+            "gradient_s": [run["gradient"]["seconds"] for run in rs if run.get("gradient")],
+            "gradient_evals": [run["gradient"]["eval_equivalents"] for run in rs
+                               if run.get("gradient")],
+            "best_uniform": [run["best_uniform"] for run in rs],
+            "found_by": [max((r for r in run["records"] if r.feasible and r.reward is not None),
+                             key=lambda r: r.reward, default=None) for run in rs],
+            "derived": any(run.get("derived") for run in rs),
+        }
+        out["arms"][arm]["found_by"] = [r.kind if r else None
+                                        for r in out["arms"][arm]["found_by"]]
+    return out
+
+
+def fmt(xs) -> str:
+    return " ".join("-" if x is None else f"{x:.3f}" for x in xs)
+
+
+def report(world: str, s: dict) -> None:
+    if not s:
+        print(f"{world}: no feasible trial yet")
+        return
+    print(f"\n== {world}: best feasible reward found by any run {s['best_known']:.4f}; 99 % of "
+          f"the way from {s['lowest']:.4f}: {s['threshold']:.4f}")
+    rows = []
+    for arm, a in s["arms"].items():
+        per = [x for x in a["per_trial_s"] if x is not None]
+        rows.append([arm + (" (read off hybrid)" if a["derived"] else ""),
+                     " ".join(str(x) if x else ">" for x in a["reach_99"]),
+                     fmt(a["best_at"][15]), fmt(a["best_at"][20]), fmt(a["best_at"][40]),
+                     f"{statistics.median(per):.2f}" if per else "-",
+                     fmt(a["gradient_s"]) or "-", fmt(a["gradient_evals"]) or "-"])
     print(table(["arm", "evals to 99 % (per seed)", "best @15", "best @20", "best @40",
-                 "s / trial", "gradient stage s"], rows))
-    write_json(args.json_out, {"machine": machine_info(), "best_known": best_known,
-                               "threshold": threshold, "summary": summary})
+                 "s / trial", "gradient stage s", "= evaluations"], rows))
+
+
+def jsonable_summary(s: dict) -> dict:
+    return json.loads(json.dumps(s, default=str))
+
+
+def main() -> None:
+    import optuna
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--world", action="append", default=None,
+                    help="reference, gpt2 or a world folder (repeatable; default both)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--arms", default="tpe,hybrid,hybrid-layers",
+                    help="run for every seed and world first")
+    ap.add_argument("--extra-arms", default="tpe-layers,random,cmaes,gp",
+                    help="then these, seed by seed, while the deadline allows")
+    ap.add_argument("--deadline-minutes", type=float, default=None,
+                    help="start no run after this many minutes")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-trials", type=int, default=None, help="cap every arm (smoke runs)")
+    ap.add_argument("--json", dest="json_out", default=None)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = args.world or ["reference", "gpt2"]
+    started = time.perf_counter()
+    worlds = {n: World(n) for n in names}
+    primary = [a for a in args.arms.split(",") if a]
+    extra = [a for a in args.extra_arms.split(",") if a]
+    plan = ([(a, seed, w) for seed in range(args.seeds) for w in names for a in primary]
+            + [(a, seed, w) for seed in range(args.seeds) for w in names for a in extra])
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    skipped: list[str] = []
+
+    def save() -> None:
+        if not args.json_out:
+            return
+        payload = {"machine": machine_info(), "threads": args.threads, "seeds": args.seeds,
+                   "elapsed_s": round(time.perf_counter() - started, 1), "skipped": skipped,
+                   "worlds": {}}
+        for n, w in worlds.items():
+            payload["worlds"][n] = {
+                "folder": str(w.folder), "spec_name": w.spec.name,
+                "memo": {"hits": w.hits, "misses": w.misses,
+                         "seconds_saved": round(w.seconds_saved, 1)},
+                "summary": jsonable_summary(summarise(runs[n])),
+                "runs": [{"arm": r["arm"], "seed": r["seed"], "wall": r["wall"],
+                          "per_trial": r["per_trial"], "gradient": r["gradient"],
+                          "trials": [{"number": t.number, "kind": t.kind, "ratios": t.ratios,
+                                      "reward": t.reward, "tax": t.tax, "feasible": t.feasible,
+                                      "stage": t.stage} for t in r["records"]]}
+                         for r in runs[n]]}
+        Path(args.json_out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+    for arm, seed, name in plan:
+        minutes = (time.perf_counter() - started) / 60
+        if args.deadline_minutes is not None and minutes > args.deadline_minutes:
+            skipped.append(f"{name}/{arm}/{seed}")
+            continue
+        run = run_one(worlds[name], arm, seed, args.max_trials)
+        runs[name].append(run)
+        best = max((r.reward for r in run["records"] if r.feasible and r.reward is not None),
+                   default=None)
+        grad = run["gradient"]
+        print(f"[{minutes:5.1f} min] {name} {arm} seed {seed}: {len(run['records'])} trials, "
+              f"best {best if best is None else round(best, 4)}, {run['wall']:.0f} s"
+              + (f", gradient stage {grad['seconds']:.1f} s = "
+                 f"{grad['eval_equivalents']:.1f} evaluations" if grad else ""), flush=True)
+        save()
+    for name in names:
+        report(name, summarise(runs[name]))
+        w = worlds[name]
+        print(f"{name}: memo {w.hits} hits / {w.misses} evaluations, {w.seconds_saved:.0f} s saved")
+    if skipped:
+        print(f"\nnot started (deadline): {len(skipped)} runs: {', '.join(skipped)}")
+    print(f"total {(time.perf_counter() - started) / 60:.1f} min")
+    save()
 
 
 if __name__ == "__main__":
