@@ -52,7 +52,11 @@ class PartFigures(_Stored):
                            "(sets that cannot be split, such as lm-eval tasks)")
     from_search_data: list[str] = Field([], description="the sets whose figures here are "
                                         "their search data: tax task names, `reward`")
-    feasible: bool = Field(description="tax (its upper bound at tax.confidence) <= budget")
+    feasible: bool = Field(description="tax (its upper bound at tax.confidence) <= budget; "
+                           "on the validation records: the pooled tax's")
+    pooled_tax: float | None = Field(None, description="validation only: the tax on the "
+                                     "search and validation records together")
+    pooled_tax_se: float | None = None
     metrics: dict[str, float | None] = {}
 
 
@@ -101,7 +105,9 @@ class Finalist(_Stored):
     search_tax: float | None
     validation_reward: float | None
     validation_tax: float | None
-    validation_feasible: bool
+    pooled_tax: float | None = Field(None, description="the tax on the search and validation "
+                                     "records together, which decides feasibility")
+    validation_feasible: bool = Field(description="within the budget on the pooled tax")
 
 
 class StageStats(_Stored):

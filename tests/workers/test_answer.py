@@ -135,8 +135,9 @@ def test_no_validation_data_keeps_the_search_rule_and_tax_confidence_counts():
     search, records = _world(cases, validation=False)
     a = choose(search, records)
     assert a.best.number == 3 and a.chosen_by == "search" and not a.finalists
-    # with tax.confidence 0.95, a validation tax of 0.09 +- 0.01 is over 0.1 at its bound
-    cases["top"][3]["validation"] = _m([3, 3, 3, 3], 0.09, tax_se=0.01)
+    # with tax.confidence 0.95, a pooled tax of 0.09 +- 0.01 (search 0.09 +- 0.001 and
+    # validation 0.09 +- 0.02, 100 records each) is over 0.1 at its bound
+    cases["top"][3]["validation"] = _m([3, 3, 3, 3], 0.09, tax_se=0.02)
     search, records = _world(cases, confidence=0.95)
     a = choose(search, records)
     assert a.best.number == 1  # the uniform ratio is within the budget by its bound too
@@ -151,3 +152,29 @@ def test_when_no_finalist_is_feasible_on_validation_the_search_decides_and_says_
     a = choose(search, records)
     assert a.best.number == 3 and a.chosen_by == "search" and a.uniform is None
     assert [f["code"] for f in a.flags] == ["validation_over_budget"]
+
+
+def test_feasibility_pools_the_search_and_validation_tax_so_the_baseline_stays_near_the_budget():
+    """A uniform α near the budget, a hair over it on the validation records alone, stays the
+    baseline: the pooled tax decides (the rule before dropped it for a weaker α)."""
+    search, records = _world({
+        "best": (6, "search", [0.7, 0.5], {"search": _m([2, 2, 2, 2], 0.08),
+                                           "validation": _m([2, 2, 2, 1.5], 0.09),
+                                           "holdout": _m([2, 2, 1.5, 2], 0.08)}),
+        "near": (4, "uniform", [0.6, 0.6], {"search": _m([1.5, 1.5, 1.5, 1.5], 0.085),
+                                            "validation": _m([1.5, 1.5, 1, 1.5], 0.105),
+                                            "holdout": _m([1.5, 1.5, 1.5, 1], 0.09)}),
+        "weak": (2, "uniform", [0.3, 0.3], {"search": _m([0, 0, 0, 0], 0.02),
+                                            "validation": _m([0, 0, 0, 0], 0.02),
+                                            "holdout": _m([0, 0, 0, 0], 0.02)}),
+    })
+    a = choose(search, records)
+    assert a.uniform.number == 4  # pooled 0.095: within 0.1; validation alone: 0.105, over
+    near = next(f for f in a.finalists if f["trial"] == 4)
+    assert near["validation_tax"] == pytest.approx(0.105)
+    assert near["pooled_tax"] == pytest.approx(0.095) and near["validation_feasible"]
+    assert a.holdout_gain.mean == pytest.approx(1.875 - 1.375)
+    # and a finalist far over on validation is still out: pooled (0.08 + 0.2) / 2 = 0.14
+    search.evaluator.parts[((0.7, 0.5), "validation")] = _m([9, 9, 9, 9], 0.2)
+    a = choose(search, records)
+    assert a.best.number == 4 and a.uniform.number == 4
