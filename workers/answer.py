@@ -9,8 +9,9 @@ what the winner does elsewhere (the winner's curse). After the trials:
    The winner is the finalist of highest validation reward among those feasible on the
    search and validation tax records pooled (the pooled tax's upper bound at
    ``tax.confidence`` when set: see :func:`_pooled_tax`); the best uniform ratio likewise
-   among the uniform finalists, by the same rule. Without validation data (``validation_fraction: 0``), or
-   when no finalist is feasible there (flagged), the search figures decide, as before.
+   among the uniform finalists, by the same rule. Without validation data
+   (``validation_fraction: 0``), or when no finalist is feasible there (flagged), the
+   search figures decide, as before.
 3. The winner and the best uniform ratio are measured on the holdout data, which played no
    part in the choice; held-out figures are reported from it only.
 4. Gains are paired: winner minus best uniform record by record on the same prompts, with a
