@@ -14,7 +14,7 @@ import os
 import pytest
 import yaml
 
-from tests.service.conftest import make_settings, start_stack
+from tests.service.conftest import _running_stack
 from tests.service.test_cli import hmaopt
 
 #: grid 3 + the gradient direction 1 + up to 2 on its ray before the sampler; hybrid then
@@ -72,16 +72,7 @@ def test_strategy_through_the_cli(tmp_path, cache, strategy):
 @pytest.fixture
 def sqlite_stack(redis_url, tmp_path, roots):
     """The API on SQLite with the test Redis (HMAOPT_TEST_REDIS_DB picks its database)."""
-    s = start_stack(make_settings(f"sqlite:///{tmp_path / 'hmaopt.db'}", redis_url,
-                                  tmp_path / "home", roots))
-    try:
-        yield s
-    finally:
-        s.stop_workers()
-        s.api.stop()
-        from service.db.session import dispose_engines
-
-        dispose_engines()
+    yield from _running_stack(f"sqlite:///{tmp_path / 'hmaopt.db'}", redis_url, tmp_path, roots)
 
 
 def test_strategies_through_the_service(sqlite_stack, tiny_spec):

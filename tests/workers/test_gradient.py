@@ -12,6 +12,23 @@ from workers.gradient import RatioGradient, _mean_nll, learn_ratios
 from workers.job import load_job, measure_base
 
 
+def _central_difference(merger, loss_fn, ratios, h: float = 1e-2) -> list[float]:
+    """d loss / d ratio_i by central differences (float32 weights: a step large enough to
+    rise above rounding)."""
+    out = []
+    for i in range(len(ratios)):
+        up, down = list(ratios), list(ratios)
+        up[i] += h
+        down[i] -= h
+        with torch.no_grad():
+            merger.apply(up)
+            f_up = float(loss_fn())
+            merger.apply(down)
+            f_down = float(loss_fn())
+        out.append((f_up - f_down) / (2 * h))
+    return out
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     raw = make_tiny_job(tmp_path_factory.mktemp("gradient"))
@@ -34,17 +51,8 @@ def test_ratio_gradient_matches_a_finite_difference(tmp_path, groups):
 
     ratios = [0.3, 0.6, 0.5, 0.4][:merger.grouping.n_ratios]
     loss, g = RatioGradient(merger)(ratios, loss_fn)
-    h = 1e-2  # float32 weights: a step large enough to rise above rounding
-    for i in range(len(ratios)):
-        up, down = list(ratios), list(ratios)
-        up[i] += h
-        down[i] -= h
-        with torch.no_grad():
-            merger.apply(up)
-            f_up = float(loss_fn())
-            merger.apply(down)
-            f_down = float(loss_fn())
-        assert g[i] == pytest.approx((f_up - f_down) / (2 * h), rel=2e-2, abs=1e-4), i
+    for i, fd in enumerate(_central_difference(merger, loss_fn, ratios)):
+        assert g[i] == pytest.approx(fd, rel=2e-2, abs=1e-4), i
     assert any(abs(v) > 1e-3 for v in g)  # not trivially zero
     assert all(p.grad is None for p in merger.model.parameters())  # contracted and freed
 
@@ -90,15 +98,6 @@ def test_ratio_gradient_on_gpt2_with_tied_embeddings(tmp_path, groups):
     n = merger.grouping.n_ratios
     ratios = [0.2 + 0.6 * i / max(n - 1, 1) for i in range(n)]
     _, g = grad(ratios, loss_fn)
-    h = 1e-2
-    for i in range(n):
-        up, down = list(ratios), list(ratios)
-        up[i] += h
-        down[i] -= h
-        with torch.no_grad():
-            merger.apply(up)
-            f_up = float(loss_fn())
-            merger.apply(down)
-            f_down = float(loss_fn())
-        assert g[i] == pytest.approx((f_up - f_down) / (2 * h), rel=3e-2, abs=2e-4), i
+    for i, fd in enumerate(_central_difference(merger, loss_fn, ratios)):
+        assert g[i] == pytest.approx(fd, rel=3e-2, abs=2e-4), i
     assert abs(g[0]) > 1e-4  # the embedding's slot moves the loss
