@@ -205,6 +205,13 @@ def format_summary(r: dict) -> str:
     t, s = r["trials"], r["seconds"]
     lines.append(f"trials          {t['finished']} finished ({t['uniform']} uniform baseline), "
                  f"{t['pruned']} pruned")
+    if r.get("stages"):  # which stage found the answer, and what each stage spent
+        spent = ", ".join(f"{kind} {st['evaluations']}" for kind, st in r["stages"].items())
+        grad = r.get("gradient") or {}
+        if grad.get("eval_equivalents") is not None:
+            spent += (f" (+ gradient stage {grad['seconds']:.1f} s = "
+                      f"{grad['eval_equivalents']:.1f} evaluations)")
+        lines.append(f"stages          found by {r.get('found_by') or 'n/a'}; evaluations: {spent}")
     lines.append(f"time per trial  {fig(s['per_trial'], '.2f')} s (merge "
                  f"{fig(s['merge_per_trial'], '.3f')} s, evaluation {fig(s['eval_per_trial'], '.2f')}"
                  f" s); total {s['total']:.1f} s")

@@ -67,6 +67,12 @@ def test_strategy_through_the_cli(tmp_path, cache, strategy):
     assert proc.returncode in (0, 10), proc.stderr
     result = json.loads(out.read_text())
     check_result(result, strategy)
+    # the text summary says the same: the stage that found the answer, what each spent
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("stages"))
+    assert f"found by {result['found_by']}" in line
+    for kind, st in result["stages"].items():
+        assert f"{kind} {st['evaluations']}" in line
+    assert f"= {result['gradient']['eval_equivalents']:.1f} evaluations" in line
 
 
 @pytest.fixture
