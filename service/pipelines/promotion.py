@@ -68,9 +68,13 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
     reason = None
     if best is None:
         reason = f"no feasible merge within the tax budget {budget}"
-    elif run.holdout_tax is not None and run.holdout_tax > budget:
+    elif run.holdout_tax is not None and holdout_tax_over(
+            run.holdout_tax, holdout.get("tax_se"), budget, spec.promote.confidence):
         reason = (f"its holdout tax {run.holdout_tax:.4g} is over the budget {budget} "
-                  f"(search tax {run.tax:.4g})")
+                  + (f"beyond its noise (SE {holdout['tax_se']:.2g}, lower bound "
+                     f"{lower_tax(run.holdout_tax, holdout['tax_se'], spec.promote.confidence):.4g}"
+                     f" at {spec.promote.confidence:.0%}) " if holdout.get("tax_se") else "")
+                  + f"(search tax {run.tax:.4g})")
     elif champion is not None:
         same = same_data(job_db.get_job(s, champion.job_id), job)
         if same:
@@ -119,6 +123,21 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
                   f"{spec.promote.margin}") + (f" (flags: {flags})" if flags else "")
     # before the commit: when Redis fails, nothing of this decision is kept
     queue.request_export(settings, s, job, out, field="promote.dir")
+
+
+def lower_tax(tax: float, se: float | None, confidence: float) -> float:
+    """The one-sided lower bound of a tax at ``confidence`` (the tax itself without an SE)."""
+    return tax - (stats.upper_bound(tax, se, confidence) - tax)
+
+
+def holdout_tax_over(tax: float, se: float | None, budget: float, confidence: float) -> bool:
+    """Whether the holdout data say the answer is over the budget: its holdout tax's lower
+    bound at the pipeline's ``confidence`` is above the budget (the point estimate without
+    an SE). The search chose the answer feasible on its own data, often at the budget's
+    edge, so a holdout tax a little over the budget is what its noise predicts half the
+    time; only a tax over it beyond the noise refutes the search (the result's flag says
+    either case). ``tax.confidence`` in the job makes the search itself conservative."""
+    return lower_tax(tax, se, confidence) > budget
 
 
 def champion_records(s, run: PipelineRun, champion: PipelineRun, same: bool) -> list | None:

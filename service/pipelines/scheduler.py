@@ -17,7 +17,7 @@ Every ``HMAOPT_SCHEDULER_SECONDS`` a pass (:meth:`Scheduler.tick`):
      processed run's -> skipped; else a normal job (the template with that checkpoint, warm
      started with the previous run's best ratios and best uniform α) -> running;
    - running -> the job ended -> deciding (service.pipelines.promotion): promoted only if the best merge is feasible (tax
-     within budget, holdout tax too) and its reward beats the champion's by more than the
+     within budget, the holdout tax not over it beyond its noise) and its reward beats the champion's by more than the
      margin on the same evaluation data (when the job's reward or tax section changed since
      the champion's, a small job re-measures the champion's merge first: remeasuring); else
      kept, with the reason;

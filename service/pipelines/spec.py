@@ -77,7 +77,9 @@ class Promote(BaseModel):
                           "champion's by more than this")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="the candidate's holdout gain "
                               "over the champion, paired prompt by prompt, must clear the "
-                              "margin at this one-sided confidence (its lower bound)")
+                              "margin at this one-sided confidence (its lower bound); a "
+                              "holdout tax whose lower bound at it is over the budget keeps "
+                              "the run")
 
 
 class Webhook(BaseModel):

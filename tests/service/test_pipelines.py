@@ -225,7 +225,7 @@ def test_two_schedulers_start_a_due_run_exactly_once(pg_stack, tiny_spec, roots)
 # ------------------------------------------------------------------ decisions
 
 def _finished_run(settings, pipeline_id: str, *, reward, tax, holdout_tax=None, spec=None,
-                  status="succeeded", at=None, holdout_rewards=None):
+                  status="succeeded", at=None, holdout_rewards=None, holdout_tax_se=None):
     """A run whose job has ended (the job row and result a worker writes)."""
     from service.db import jobs as job_db
     from service.db import pipelines as pipe_db
@@ -237,7 +237,8 @@ def _finished_run(settings, pipeline_id: str, *, reward, tax, holdout_tax=None, 
         job_db.set_status(s, job.id, JobStatus.RUNNING)
         best = None if reward is None else {
             "trial": 3, "ratios": {"block0": 0.3, "block1": 0.8}, "reward": reward, "tax": tax,
-            "holdout": {"reward": reward, "tax": holdout_tax if holdout_tax is not None else tax}}
+            "holdout": {"reward": reward, "tax": holdout_tax if holdout_tax is not None else tax,
+                        "tax_se": holdout_tax_se}}
         job.result = {"best": best, "best_uniform": {"ratio": 0.5, "reward": 0.0}, "gain": 0.1}
         if holdout_rewards is not None:  # the answer's holdout reward per prompt
             job.result["per_record"] = {"best": {"holdout_reward": holdout_rewards}}
@@ -333,9 +334,14 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
     assert infeasible[2] == "kept" and "no feasible merge" in infeasible[3]
     holdout_over = run(5.0, 0.1, 4, holdout_tax=0.9)
     assert holdout_over[2] == "kept" and "holdout tax 0.9 is over the budget" in holdout_over[3]
+    # over the budget 0.5 by more than its noise: 0.6 - 1.645 * 0.05 = 0.518 at 95 %
+    beyond = run(5.0, 0.1, 4.5, holdout_tax=0.6, holdout_tax_se=0.05)
+    assert beyond[2] == "kept" and "beyond its noise (SE 0.05, lower bound 0.5178" in beyond[3]
     failed = run(5.0, 0.1, 5, status="failed")
     assert failed[1] == "failed" and failed[2] is None
-    second = run(1.5, 0.1, 6)
+    # a little over the budget, within its noise (0.51 - 1.645 * 0.015 < 0.5): the search's
+    # feasibility is not refuted, so it is promoted
+    second = run(1.5, 0.1, 6, holdout_tax=0.51, holdout_tax_se=0.015)
     assert second[1:3] == ("succeeded", "promoted")
     assert alias.resolve().name == second[0]
     with stack.client() as api:
@@ -351,7 +357,7 @@ def test_promote_only_when_better_and_feasible_then_roll_back(stack, tiny_spec, 
         again = api.post("/v1/pipelines/nightly/rollback")
         assert again.status_code == 409 and "first champion" in again.json()["message"]
         runs = api.get("/v1/pipelines/nightly/runs").json()["data"]
-        assert [r["decision"] for r in runs] == ["promoted", None, "kept", "kept", "kept",
+        assert [r["decision"] for r in runs] == ["promoted", None, "kept", "kept", "kept", "kept",
                                                  "promoted"]
     # a better run whose export worker died (the recovery marks the export failed): the run
     # fails with that reason instead of staying promoting, and the alias stays
