@@ -211,7 +211,9 @@ def format_summary(r: dict) -> str:
         if grad.get("eval_equivalents") is not None:
             spent += (f" (+ gradient stage {grad['seconds']:.1f} s = "
                       f"{grad['eval_equivalents']:.1f} evaluations)")
-        lines.append(f"stages          found by {r.get('found_by') or 'n/a'}; evaluations: {spent}")
+        found = (f"found by {r['found_by']}" if r.get("found_by")
+                 else "no feasible answer")
+        lines.append(f"stages          {found}; evaluations: {spent}")
     lines.append(f"time per trial  {fig(s['per_trial'], '.2f')} s (merge "
                  f"{fig(s['merge_per_trial'], '.3f')} s, evaluation {fig(s['eval_per_trial'], '.2f')}"
                  f" s); total {s['total']:.1f} s")

@@ -233,6 +233,7 @@ def test_a_search_without_a_feasible_merge_exits_10(tmp_path):
     """Distinct from an invalid spec (2): the search ran, and --json still prints its result."""
     import yaml
 
+    from service.cli.helpers import format_summary
     from tests.service.test_cli_remote import _noisy_aligned
     from tests.models import make_tiny_job
 
@@ -246,7 +247,11 @@ def test_a_search_without_a_feasible_merge_exits_10(tmp_path):
     env = {**__import__("os").environ, "HMAOPT_CACHE_DIR": str(tmp_path / "cache")}
     proc = hmaopt("search", str(spec_file), "--json", "--no-progress", env=env)
     assert proc.returncode == 10, proc.stderr
-    assert json.loads(proc.stdout)["feasible"] is False
+    result = json.loads(proc.stdout)
+    assert result["feasible"] is False and result["stages"]
+    summary = format_summary(result)  # the text summary of the same result
+    assert "no feasible merge: every trial's tax exceeds the budget" in summary
+    assert "stages          no feasible answer; evaluations: uniform 2" in summary, summary
     error = json.loads(proc.stderr.strip().splitlines()[-1])
     assert error["error"] == "no_feasible_merge" and "raise tax.budget" in error["message"]
 
