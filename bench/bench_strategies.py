@@ -7,6 +7,8 @@ per seed, in-memory studies on the world's own job spec (``blocks:3``, budget 0.
 baseline). Arms:
 
 - cold samplers: tpe (the default), random, cmaes, gp, 40 evaluations each;
+- local (``sampler: local``: Gaussian steps around the best feasible trial, workers/local.py),
+  40 evaluations, and local-layers, 20;
 - hybrid (the gradient stage, then tpe), 40 evaluations;
 - gradient alone: the hybrid run's trials before the sampler's first (``strategy:
   gradient`` runs exactly these: the baseline, the gradient direction and its ray), so it is
@@ -54,6 +56,8 @@ ARMS: dict[str, tuple[dict, dict | None, int]] = {
     "gradient": ({"sampler": "tpe", "strategy": "gradient"}, None, 20),
     "hybrid-layers": ({"sampler": "tpe", "strategy": "hybrid"}, {"scheme": "layers"}, 20),
     "tpe-layers": ({"sampler": "tpe"}, {"scheme": "layers"}, 20),
+    "local": ({"sampler": "local"}, None, 40),
+    "local-layers": ({"sampler": "local"}, {"scheme": "layers"}, 20),
 }
 COLD = ("tpe", "random", "cmaes", "gp")
 AT = (10, 15, 20, 30, 40)

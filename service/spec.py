@@ -119,7 +119,7 @@ def spec_error_from_validation(exc: ValidationError, *, prefix: str = "") -> Spe
 
 RewardType = Literal["reward_model", "preference", "python"]
 TaxType = Literal["multiple_choice", "exact_match", "perplexity", "lm_eval"]
-SamplerName = Literal["tpe", "gp", "cmaes", "nsga2", "random"]
+SamplerName = Literal["tpe", "gp", "cmaes", "nsga2", "random", "local"]
 
 
 class RewardSpec(BaseModel):
@@ -233,6 +233,9 @@ class SearchSpec(BaseModel):
                                 "gradient stage")
     gradient_refine: RefineSteps = Field(3, description="trials on the gradient result's ray "
                                          "toward the budget")
+    local_sigma: float = Field(0.1, ge=0.005, le=0.5, description="sampler local: the "
+                               "first step size around the best feasible trial, as a share "
+                               "of the ratio range (then the one-fifth success rule)")
     walk_steps: RefineSteps = Field(0, description="whenever a sampler trial becomes the best "
                                     "feasible one, up to this many trials on its ray toward "
                                     "the budget (kind 'walk'); 0 (default: it did not help "
@@ -349,9 +352,10 @@ class JobSpec(BaseModel):
                 f"n_trials ({self.search.n_trials}) must exceed the uniform baseline's "
                 f"{len(grid)} points (search.uniform_grid), or the search never runs",
                 field="search.n_trials")
-        if self.search.sampler == "cmaes" and self.mode == "pareto":
-            raise SpecError("cmaes optimises one objective: use mode constrained, or "
-                            "sampler tpe / nsga2 / random for mode pareto", field="search.sampler")
+        if self.search.sampler in ("cmaes", "local") and self.mode == "pareto":
+            raise SpecError(f"{self.search.sampler} optimises one objective: use mode "
+                            "constrained, or sampler tpe / nsga2 / random for mode pareto",
+                            field="search.sampler")
         return self
 
     def paths(self) -> dict[str, str]:

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 
 from service.db.session import engine_kwargs
 from service.spec import JobSpec
+from workers.local import LocalSampler
 
 #: prefix of every study hmaopt creates; :func:`study_name` is the one builder of names
 STUDY_PREFIX = "hmaopt"
@@ -74,6 +75,8 @@ def make_sampler(spec: JobSpec):
     if s.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed,
                                              population_size=max(8, min(50, s.n_trials // 4)))
+    if s.sampler == "local":  # the spec refuses mode pareto with it
+        return LocalSampler(seed=s.seed, sigma0=s.local_sigma)
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ from service.cli.output import JSON_HELP, add_json_flag, dumps, emit, note, want
 from service.errors import (ConflictError, NoFeasibleMergeError, NotFoundError, RatioError,
                             SpecError)
 from service.settings import get_settings
-from service.spec import GroupSpec, JobSpec, load_spec, spec_error_from_validation
+from service.spec import GroupSpec, JobSpec, SamplerName, load_spec, spec_error_from_validation
 
 
 def add_merge(sub) -> None:
@@ -70,7 +71,7 @@ def add_search(sub) -> None:
                         "cuda:0,cpu (the model split over them; HMAOPT_MEMORY, HMAOPT_MAX_MEMORY)")
     search.add_argument("--trials", type=int, default=None, help="override search.n_trials")
     search.add_argument("--sampler", default=None,
-                        choices=["tpe", "gp", "cmaes", "nsga2", "random"],
+                        choices=list(get_args(SamplerName)),
                         help="override search.sampler")
     search.add_argument("--seed", type=int, default=None, help="override search.seed")
     add_progress_flag(search)

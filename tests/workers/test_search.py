@@ -95,12 +95,31 @@ def test_mean_ratio_keeps_every_trial_on_the_constraint(tiny):
         assert set(t.params) == {"w:block0", "w:block1"}
 
 
-@pytest.mark.parametrize("sampler", ["gp", "cmaes", "nsga2", "random"])
+@pytest.mark.parametrize("sampler", ["gp", "cmaes", "nsga2", "random", "local"])
 def test_every_sampler_runs(tiny, sampler):
     s = _search({**tiny, "search": {**tiny["search"], "sampler": sampler, "n_trials": 5}})
     s.run()
     assert s.finished() == 5
     assert s.best("uniform") is not None
+
+
+def test_the_local_sampler_starts_at_the_tuned_uniform_ratio(tiny):
+    """sampler local on a real job: the first proposal after the bisection lies within a few
+    small steps (local_sigma 0.01) of the best feasible uniform α, and so do the ones after
+    (each around the best feasible trial at its time)."""
+    s = _search({**tiny, "tax": {**tiny["tax"], "budget": 0.3},
+                 "search": {**tiny["search"], "sampler": "local", "local_sigma": 0.01,
+                            "n_trials": 12, "pruning": False}})
+    s.run()
+    records = sorted(s.records(), key=lambda r: r.number)
+    proposals = [r for r in records if r.kind == "search"]
+    assert proposals and len(proposals) == 12 - sum(r.kind == "uniform" for r in records)
+    for p in proposals:
+        best = max((r for r in records if r.number < p.number and r.feasible),
+                   key=lambda r: r.reward)
+        assert all(abs(a - b) <= 0.06 for a, b in zip(p.ratios, best.ratios)), (p, best)
+    alpha = s.best("uniform").uniform_ratio
+    assert 0 < alpha < 1 and all(abs(v - alpha) <= 0.06 for v in proposals[0].ratios)
 
 
 def test_pareto_mode_has_two_objectives_and_a_front(tiny):
