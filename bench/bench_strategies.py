@@ -33,6 +33,7 @@ two).
     python bench/bench_strategies.py [--world reference --world gpt2] [--seeds 5]
         [--arms tpe,hybrid,hybrid-layers] [--extra-arms tpe-layers,random,cmaes,gp]
         [--deadline-minutes 42] [--json FILE]
+    python bench/bench_strategies.py --combine FILE [FILE ...]   # earlier runs, together
 """
 
 from __future__ import annotations
@@ -236,11 +237,34 @@ def jsonable_summary(s: dict) -> dict:
     return json.loads(json.dumps(s, default=str))
 
 
+def loaded_runs(files: list[str]) -> dict[str, list[dict]]:
+    """The runs of earlier ``--json`` files by world, as :func:`summarise` reads them (runs
+    of one world build only: a rebuilt world's figures are not comparable)."""
+    from types import SimpleNamespace
+
+    out: dict[str, list[dict]] = {}
+    for f in files:
+        for name, w in json.loads(Path(f).read_text())["worlds"].items():
+            for r in w["runs"]:
+                recs = [SimpleNamespace(**t) for t in r["trials"]]
+                out.setdefault(name, []).append({
+                    "arm": r["arm"], "seed": r["seed"], "records": recs, "wall": r["wall"],
+                    "per_trial": r["per_trial"], "gradient": r["gradient"],
+                    "offset": (r["gradient"] or {}).get("eval_equivalents") or 0.0,
+                    "best_uniform": max((t.reward for t in recs if t.kind == "uniform"
+                                         and t.feasible and t.reward is not None),
+                                        default=None)})
+    return out
+
+
 def main() -> None:
     import optuna
     import torch
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="report the runs of these --json files together (no new run): "
+                    "99 %% of the best any of them found")
     ap.add_argument("--world", action="append", default=None,
                     help="reference, gpt2 or a world folder (repeatable; default both)")
     ap.add_argument("--seeds", type=int, default=5)
@@ -254,6 +278,10 @@ def main() -> None:
     ap.add_argument("--max-trials", type=int, default=None, help="cap every arm (smoke runs)")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
+    if args.combine:
+        for name, rs in loaded_runs(args.combine).items():
+            report(name, summarise(rs))
+        return
 
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -9,9 +9,15 @@ On the reference world, SEEDS seeds x TRIALS trials of the default search (tpe).
   covers it;
 - the winner's curse: how far the winner's search reward overstates its holdout reward, in
   units of its standard error, for the answer chosen on the validation data ("after") and
-  for the trial of highest search reward, the rule before ("before"), on the same search.
+  for the trial of highest search reward, the rule before ("before"), on the same search;
+- the same curse on the gain ("gain curse"): (search gain - holdout gain) over the search
+  gain's SE, both paired with the best uniform ratio on the same prompts. The split of the
+  data is the same in every seed, so a harder search part than holdout part shifts every
+  merge's reward alike: the reward curse carries that offset, the gain curse cancels it.
+  A merge equal to the uniform ratio has a gain curse of 0.
 
-    python bench/bench_uncertainty.py [--world DIR] [--seeds 10] [--trials 40] [--json FILE]
+    python bench/bench_uncertainty.py [--world DIR] [--seeds 10] [--trials 40]
+        [--sampler tpe] [--json FILE]
 
 Targets (issue 15): holdout gain positive in 10/10 seeds, its interval excludes 0 in >= 8/10,
 the interval covers the fresh-test gain in >= 8/10, the curse under one SE on average.
@@ -32,6 +38,7 @@ def main() -> None:
     ap.add_argument("--world", default=None, help="reference world folder (default: the cache)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--sampler", default=None, help="override the spec's search.sampler")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 
@@ -55,11 +62,28 @@ def main() -> None:
         values, _ = fresh.reward_records("search")
         return values
 
+    def rewards(ratios, part: str) -> list[float]:
+        merger.apply(ratios)
+        values, _ = ev.reward_records(part)
+        return values
+
+    def gain_curse(record, uniform) -> float:
+        """(search gain - holdout gain) / the search gain's SE, paired with ``uniform``."""
+        if list(record.ratios) == list(uniform.ratios):
+            return 0.0
+        search = paired_interval(rewards(record.ratios, "search"),
+                                 rewards(uniform.ratios, "search"))
+        holdout = paired_interval(rewards(record.ratios, "holdout"),
+                                  rewards(uniform.ratios, "holdout"))
+        return (search.mean - holdout.mean) / search.se if search.se else 0.0
+
     rows, per_seed = [], []
     started = time.perf_counter()
     for seed in range(args.seeds):
         s = spec.model_copy(deep=True)
         s.search.seed, s.search.n_trials = seed, args.trials
+        if args.sampler:
+            s.search.sampler = args.sampler
         search = Search(s, merger, ev, name=f"uncertainty-{seed}")
         search.run()
         result = search.result(base_cached=True, base_seconds=0.0, total_seconds=0.0)
@@ -73,24 +97,28 @@ def main() -> None:
         after = (best.reward - result.best_holdout["reward"]) / best.reward_se
         before = (lucky.reward - lucky_holdout["reward"]) / lucky.reward_se
         covered = hg.lo <= fg.mean <= hg.hi
+        gain_after, gain_before = gain_curse(best, uniform), gain_curse(lucky, uniform)
         per_seed.append({
             "seed": seed, "winner": best.number, "lucky": lucky.number,
             "search_gain": result.gain, "gain_ci95": result.gain_interval.to_list(),
             "holdout_gain": hg.mean, "holdout_gain_ci95": hg.to_list(), "n_holdout": hg.n,
             "fresh_gain": fg.mean, "fresh_gain_ci95": fg.to_list(), "n_fresh": fg.n,
             "covered": covered, "curse_after_se": after, "curse_before_se": before,
+            "gain_curse_after_se": gain_after, "gain_curse_before_se": gain_before,
             "best_search_reward": best.reward, "best_holdout_reward": result.best_holdout["reward"],
             "best_reward_se": best.reward_se, "best_tax": best.tax,
             "best_holdout_tax": result.best_holdout["tax"], "flags": result.flags})
         rows.append([seed, best.number, f"{result.gain:+.3f}",
                      f"{hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}]",
                      f"{fg.mean:+.3f} [{fg.lo:+.3f}, {fg.hi:+.3f}]", "yes" if covered else "no",
-                     f"{before:+.2f}", f"{after:+.2f}"])
+                     f"{before:+.2f}", f"{after:+.2f}", f"{gain_before:+.2f}",
+                     f"{gain_after:+.2f}"])
         print(f"seed {seed}: holdout gain {hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}], fresh "
-              f"{fg.mean:+.3f}, curse before {before:+.2f} SE after {after:+.2f} SE", flush=True)
+              f"{fg.mean:+.3f}, curse before {before:+.2f} SE after {after:+.2f} SE, gain curse "
+              f"before {gain_before:+.2f} after {gain_after:+.2f}", flush=True)
     n = len(per_seed)
     summary = {
-        "seeds": n, "trials": args.trials,
+        "seeds": n, "trials": args.trials, "sampler": args.sampler or spec.search.sampler,
         "holdout_gain_positive": sum(p["holdout_gain"] > 0 for p in per_seed),
         "holdout_ci_excludes_zero": sum(p["holdout_gain_ci95"][0] > 0 or p["holdout_gain_ci95"][1] < 0
                                         for p in per_seed),
@@ -99,6 +127,8 @@ def main() -> None:
         "curse_after_mean_se": statistics.mean(p["curse_after_se"] for p in per_seed),
         "curse_before_sd_se": statistics.stdev(p["curse_before_se"] for p in per_seed) if n > 1 else None,
         "curse_after_sd_se": statistics.stdev(p["curse_after_se"] for p in per_seed) if n > 1 else None,
+        "gain_curse_before_mean_se": statistics.mean(p["gain_curse_before_se"] for p in per_seed),
+        "gain_curse_after_mean_se": statistics.mean(p["gain_curse_after_se"] for p in per_seed),
         "holdout_gain_mean": statistics.mean(p["holdout_gain"] for p in per_seed),
         "holdout_gain_sd": statistics.stdev(p["holdout_gain"] for p in per_seed) if n > 1 else None,
         "fresh_gain_mean": statistics.mean(p["fresh_gain"] for p in per_seed),
@@ -108,13 +138,16 @@ def main() -> None:
         "n_fresh": per_seed[0]["n_fresh"],
     }
     print(table(["seed", "answer", "search gain", "holdout gain [95 %]", "fresh gain [95 %]",
-                 "covers", "curse before", "curse after"], rows))
+                 "covers", "curse before", "curse after", "gain curse before",
+                 "gain curse after"], rows))
     print(f"holdout gain > 0: {summary['holdout_gain_positive']}/{n}; interval excludes 0: "
           f"{summary['holdout_ci_excludes_zero']}/{n}; covers the fresh gain: "
           f"{summary['ci_covers_fresh']}/{n}; winner's curse (search - holdout reward, in "
           f"SE): before {summary['curse_before_mean_se']:+.2f} (sd "
           f"{summary['curse_before_sd_se'] or 0:.2f}), after "
-          f"{summary['curse_after_mean_se']:+.2f} (sd {summary['curse_after_sd_se'] or 0:.2f})")
+          f"{summary['curse_after_mean_se']:+.2f} (sd {summary['curse_after_sd_se'] or 0:.2f}); "
+          f"gain curse: before {summary['gain_curse_before_mean_se']:+.2f}, after "
+          f"{summary['gain_curse_after_mean_se']:+.2f}")
     write_json(args.json_out, {"machine": machine_info(), "summary": summary,
                                "per_seed": per_seed})
 
