@@ -72,7 +72,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 
 from _common import machine_info, table, write_json  # bench/ is the script's folder

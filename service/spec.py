@@ -203,7 +203,11 @@ class SearchSpec(BaseModel):
     prune_fraction: float = Field(0.3, gt=0, lt=1, description="share of each tax set's search "
                                   "part measured in stage 1")
     prune_margin: float = Field(0.05, ge=0, description="prune when the stage-1 tax exceeds "
-                                "budget + prune_margin")
+                                "budget + prune_margin (beyond its noise: prune_confidence)")
+    prune_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="prune only when the stage-1 tax's one-sided lower "
+        "bound at this confidence exceeds budget + prune_margin: the stage-1 slices are small "
+        "(prune_fraction of each tax set's search part), so their tax alone is noisy")
     holdout_fraction: float = Field(0.3, ge=0, lt=1, description="share of every data set "
                                     "held out: measured only for the answer, never to choose it")
     validation_fraction: float = Field(

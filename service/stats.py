@@ -109,6 +109,12 @@ def combine(parts: Sequence[tuple[float, float, float | None]]) -> tuple[float, 
     return value, math.sqrt(math.fsum((w / total * se) ** 2 for w, _, se in parts))
 
 
+def lower_bound_of(value: float, se: float | None, confidence: float | None) -> float:
+    """``value - z * se`` (:func:`upper_bound`'s mirror); the value itself without a
+    confidence or an SE."""
+    return 2 * value - upper_bound(value, se, confidence)
+
+
 def upper_bound(value: float, se: float | None, confidence: float | None) -> float:
     """``value + z * se``, z the one-sided normal quantile at ``confidence``; the value
     itself without a confidence or an SE."""

@@ -275,7 +275,9 @@ class Search:
             merge_s = time.perf_counter() - t0
             prune = spec.search.pruning and kind != "uniform"
             m = self.evaluator.evaluate(budget=budget if prune else None,
-                                        prune_margin=spec.search.prune_margin, on_batch=on_batch)
+                                        prune_margin=spec.search.prune_margin,
+                                        prune_confidence=spec.search.prune_confidence,
+                                        on_batch=on_batch)
             bad = [k for k, v in (("tax", m.tax), ("reward", m.reward))
                    if v is not None and not math.isfinite(v)]
             if bad:

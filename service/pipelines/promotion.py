@@ -72,7 +72,7 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
             run.holdout_tax, holdout.get("tax_se"), budget, spec.promote.confidence):
         reason = (f"its holdout tax {run.holdout_tax:.4g} is over the budget {budget} "
                   + (f"beyond its noise (SE {holdout['tax_se']:.2g}, lower bound "
-                     f"{lower_tax(run.holdout_tax, holdout['tax_se'], spec.promote.confidence):.4g}"
+                     f"{stats.lower_bound_of(run.holdout_tax, holdout['tax_se'], spec.promote.confidence):.4g}"
                      f" at {spec.promote.confidence:.0%}) " if holdout.get("tax_se") else "")
                   + f"(search tax {run.tax:.4g})")
     elif champion is not None:
@@ -125,11 +125,6 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
     queue.request_export(settings, s, job, out, field="promote.dir")
 
 
-def lower_tax(tax: float, se: float | None, confidence: float) -> float:
-    """The one-sided lower bound of a tax at ``confidence`` (the tax itself without an SE)."""
-    return tax - (stats.upper_bound(tax, se, confidence) - tax)
-
-
 def holdout_tax_over(tax: float, se: float | None, budget: float, confidence: float) -> bool:
     """Whether the holdout data say the answer is over the budget: its holdout tax's lower
     bound at the pipeline's ``confidence`` is above the budget (the point estimate without
@@ -137,7 +132,7 @@ def holdout_tax_over(tax: float, se: float | None, budget: float, confidence: fl
     edge, so a holdout tax a little over the budget is what its noise predicts half the
     time; only a tax over it beyond the noise refutes the search (the result's flag says
     either case). ``tax.confidence`` in the job makes the search itself conservative."""
-    return lower_tax(tax, se, confidence) > budget
+    return stats.lower_bound_of(tax, se, confidence) > budget
 
 
 def champion_records(s, run: PipelineRun, champion: PipelineRun, same: bool) -> list | None:

@@ -73,3 +73,5 @@ def test_upper_bound_is_one_sided():
     assert stats.upper_bound(0.08, 0.01, 0.95) == pytest.approx(0.08 + 1.6448536 * 0.01)
     assert stats.upper_bound(0.08, None, 0.95) == 0.08
     assert stats.upper_bound(0.08, 0.01, None) == 0.08
+    assert stats.lower_bound_of(0.08, 0.01, 0.95) == pytest.approx(0.08 - 1.6448536 * 0.01)
+    assert stats.lower_bound_of(0.08, None, 0.95) == 0.08

@@ -11,8 +11,10 @@ are their search figure (such a measurement says ``held_out: False``).
 A trial (:meth:`JobEvaluator.evaluate`):
 
 1. stage 1: the tax sets' stage-1 slices; their weighted tax is the *partial tax*. With
-   pruning on, a trial whose partial tax exceeds ``budget + prune_margin`` stops here
-   (pruned, its partial metrics kept);
+   pruning on, a trial whose partial tax exceeds ``budget + prune_margin`` beyond its noise
+   (its one-sided lower bound at ``prune_confidence`` is above it: the stage-1 slices are
+   small, and their tax alone is a noisy estimate) stops here (pruned, its partial metrics
+   kept);
 2. stage 2: the rest of each tax set (metrics are computed from sufficient statistics summed
    over both stages, so the full figure equals a one-shot measurement) and the reward.
 
@@ -204,12 +206,13 @@ class JobEvaluator:
     # ------------------------------------------------------------------ trials
 
     def evaluate(self, *, budget: float | None = None, prune_margin: float = 0.0,
-                 on_batch: BatchHook = None,
+                 prune_confidence: float | None = None, on_batch: BatchHook = None,
                  on_stage: Callable[[Measurement], None] | None = None) -> Measurement:
         """Staged evaluation of the live model on the search data (see the module docstring).
 
-        With ``budget`` set, a trial whose stage-1 tax exceeds ``budget + prune_margin`` is
-        returned after stage 1 with ``pruned=True``. ``on_stage`` sees the stage-1 measurement.
+        With ``budget`` set, a trial whose stage-1 tax exceeds ``budget + prune_margin`` (its
+        lower bound at ``prune_confidence`` when given) is returned after stage 1 with
+        ``pruned=True``. ``on_stage`` sees the stage-1 measurement.
         """
         if self.base is None:
             raise RuntimeError("measure_base() first")
@@ -222,7 +225,8 @@ class JobEvaluator:
             partial.seconds = time.perf_counter() - started
             if on_stage is not None:
                 on_stage(partial)
-            if budget is not None and partial.tax > budget + prune_margin:
+            if budget is not None and stats.lower_bound_of(
+                    partial.tax, partial.tax_se, prune_confidence) > budget + prune_margin:
                 partial.pruned = True
                 return partial
         pairs, lm_values = {}, {}

@@ -90,6 +90,21 @@ def test_pruning_stops_after_stage_one_with_partial_figures(job):
     assert not full.pruned and full.stage == 2 and full.reward is not None
 
 
+def test_pruning_waits_for_a_stage_one_tax_over_the_budget_beyond_its_noise(job):
+    """The stage-1 slices are small: a partial tax over budget + margin by less than z SE
+    (z 1.645 at 0.95) goes on to stage 2; one over by more than that is pruned."""
+    _, merger, _, ev = job
+    merger.apply([1.0, 1.0])
+    seen = []
+    ev.evaluate(on_stage=seen.append)
+    tax, se = seen[0].tax, seen[0].tax_se
+    assert se is not None and se > 0
+    near = ev.evaluate(budget=tax - 0.5 * 1.645 * se, prune_confidence=0.95)
+    assert not near.pruned and near.stage == 2  # the point estimate alone would prune it
+    assert ev.evaluate(budget=tax - 0.5 * 1.645 * se).pruned
+    assert ev.evaluate(budget=tax - 2 * 1.645 * se, prune_confidence=0.95).pruned
+
+
 def test_holdout_uses_the_holdout_records(job):
     _, merger, tok, ev = job
     merger.apply([0.4, 0.9])
