@@ -108,19 +108,20 @@ class World:
     def _memoise(self, merger, ev) -> None:
         evaluate = ev.evaluate
 
-        def memoised(*, budget=None, prune_margin=0.0, on_batch=None, on_stage=None):
+        def memoised(*, budget=None, prune_margin=0.0, prune_confidence=None, on_batch=None,
+                     on_stage=None):
             ratios = tuple(merger.ratios)
             # one ratio everywhere is the same merge under any grouping (the nearest rule)
             vector = ("uniform", ratios[0]) if len(set(ratios)) == 1 else ratios
-            key = (vector, budget, prune_margin)
+            key = (vector, budget, prune_margin, prune_confidence)
             if key in self.memo and on_stage is None:
                 self.hits += 1
                 m = copy.deepcopy(self.memo[key])
                 self.seconds_saved += m.seconds
                 return m
             self.misses += 1
-            m = evaluate(budget=budget, prune_margin=prune_margin, on_batch=on_batch,
-                         on_stage=on_stage)
+            m = evaluate(budget=budget, prune_margin=prune_margin,
+                         prune_confidence=prune_confidence, on_batch=on_batch, on_stage=on_stage)
             self.memo[key] = copy.deepcopy(m)
             return m
 
