@@ -232,6 +232,31 @@ def report(world: str, s: dict) -> None:
                      fmt(a["gradient_s"]) or "-", fmt(a["gradient_evals"]) or "-"])
     print(table(["arm", "evals to 99 % (per seed)", "best @15", "best @20", "best @40",
                  "s / trial", "gradient stage s", "= evaluations"], rows))
+    lines = [paired(s, arm, ref, n) for arm, ref, n in PAIRS]
+    print("\n".join(x for x in lines if x))
+
+
+#: (arm, against, at N evaluations) compared seed by seed in the report
+PAIRS = [(a, "tpe", 40) for a in ("local", "hybrid", "random", "cmaes", "gp")] + [
+    ("local-layers", "local", 20), ("hybrid-layers", "hybrid", 20), ("tpe-layers", "tpe", 20)]
+
+
+def paired(s: dict, arm: str, ref: str, n: int) -> str | None:
+    """``arm`` against ``ref`` at ``n`` evaluations on the same seeds: higher / equal / lower,
+    and the mean difference with its SE over seeds."""
+    a, b = s["arms"].get(arm), s["arms"].get(ref)
+    if a is None or b is None:
+        return None
+    mine, theirs = dict(zip(a["seeds"], a["best_at"][n])), dict(zip(b["seeds"], b["best_at"][n]))
+    diffs = [mine[k] - theirs[k] for k in sorted(set(mine) & set(theirs))
+             if mine[k] is not None and theirs[k] is not None]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return (f"{arm} vs {ref} @{n}, paired by seed (n = {len(diffs)}): higher "
+            f"{sum(d > 1e-9 for d in diffs)}, equal {sum(abs(d) <= 1e-9 for d in diffs)}, lower "
+            f"{sum(d < -1e-9 for d in diffs)}; mean difference {statistics.mean(diffs):+.3f} "
+            f"(SE {se:.3f})")
 
 
 def jsonable_summary(s: dict) -> dict:
