@@ -29,8 +29,11 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import get_args
 
 from _common import machine_info, table, world_job, write_json  # bench/ is the script's folder
+
+from service.spec import SamplerName
 
 
 def main() -> None:
@@ -38,7 +41,8 @@ def main() -> None:
     ap.add_argument("--world", default=None, help="reference world folder (default: the cache)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--sampler", default=None, help="override the spec's search.sampler")
+    ap.add_argument("--sampler", default=None, choices=list(get_args(SamplerName)),
+                    help="override the spec's search.sampler")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
 

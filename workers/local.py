@@ -4,24 +4,27 @@ After the uniform baseline, the best feasible point of a job is usually vanilla 
 tuned to the budget (the bisection's α), and on the reference worlds most of what a cold
 sampler proposes is either over the budget or far below the baseline (docs/benchmarks.md).
 This sampler starts where the answer is: every proposal is the incumbent (the feasible
-trial of highest told value, i.e. the best feasible reward) plus isotropic Gaussian noise of
-step size sigma, clipped to the bounds. The step size follows the one-fifth success rule
+trial of highest told value, i.e. the best feasible reward) plus Gaussian noise of
+step size sigma, clipped to the bounds: a Gaussian step of which only MEAN_SHARE of the
+mean component is kept (mostly a redistribution between the groups). The step size follows the one-fifth success rule
 of the (1+1) evolution strategy (Rechenberg; Kern et al. 2004): it grows by
 :data:`GROW` after a proposal that became the new incumbent and shrinks by
 ``GROW ** -1/4`` after one that did not, so it settles where about one proposal in five
 succeeds.
 
 It keeps no state of its own: the incumbent and the step size are recomputed from the
-study's trials at each proposal (in trial-number order), and the noise is drawn from a
-generator seeded by (seed, trial number). A resumed study and several workers sharing one
-study therefore propose exactly what a single uninterrupted run would, given the same
-finished trials. Before any trial is feasible (or outside the relative search space) it
-samples uniformly, as Optuna's RandomSampler does.
+study's trials at each proposal (in trial-number order; a failed trial, e.g. one of a dead
+worker, does not count), and the noise is drawn from a generator seeded by (seed, trial
+number). A resumed study and several workers sharing one study therefore propose exactly
+what a single uninterrupted run would, given the same finished trials. Before any trial is
+feasible (or outside the relative search space) it samples uniformly, from a generator
+seeded the same way.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,12 +57,13 @@ def proposed(trial: FrozenTrial) -> bool:
 
 def step_size(trials: Sequence[FrozenTrial], sigma0: float) -> tuple[FrozenTrial | None, float]:
     """(the incumbent, the step size) after ``trials``, taken in number order: the one-fifth
-    rule over the sampler's finished proposals made while an incumbent existed (a pruned or
-    failed one is a failure); enqueued trials (baseline, warm starts, rays) only move the
-    incumbent."""
+    rule over the sampler's finished proposals made while an incumbent existed (a pruned one
+    is a failure; a failed one, whose worker died or whose evaluation broke, says nothing
+    of the step and does not count); enqueued trials (baseline, warm starts, rays) only
+    move the incumbent."""
     best, sigma = None, sigma0
     for t in sorted(trials, key=lambda t: t.number):
-        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             continue
         better = feasible(t) and (best is None or t.value > best.value)
         if proposed(t) and best is not None:  # a proposal from an incumbent
@@ -107,4 +111,11 @@ class LocalSampler(optuna.samplers.BaseSampler):
         return proposal
 
     def sample_independent(self, study, trial, param_name, param_distribution):
+        d = param_distribution
+        if isinstance(d, FloatDistribution) and not d.log and d.step is None:
+            # uniform, seeded by (seed, trial number, parameter): the same draw for the same
+            # trial number in every worker and after a resume
+            rng = np.random.default_rng([self.seed, trial.number,
+                                         zlib.crc32(param_name.encode())])
+            return float(rng.uniform(d.low, d.high))
         return self._random.sample_independent(study, trial, param_name, param_distribution)

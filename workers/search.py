@@ -15,7 +15,8 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
   worse than vanilla averaging at the same budget.
 - ``mode: constrained`` maximises the reward; ``mode: pareto`` maximises the reward and
   minimises the tax (Optuna's Pareto front, constrained to the budget).
-- Samplers: tpe (default, multivariate), gp, cmaes, nsga2, random, all seeded. TPE, GP and
+- Samplers: tpe (default, multivariate), gp, cmaes, nsga2, random, local (workers/local.py),
+  all seeded. TPE, GP and
   NSGA-II use the constraint; CMA-ES ignores Optuna constraints. Every sampler is told, for
   an infeasible trial, a value under the best feasible reward, less a penalty proportional
   to the excess tax (workers/study.py :func:`told_values`: so optuna-dashboard, which ranks by

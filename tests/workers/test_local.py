@@ -61,26 +61,38 @@ def test_the_step_size_follows_the_one_fifth_rule():
     # an infeasible proposal with a higher value is a failure too
     _tell(study, 0, 0, 9.0, feasible=False)
     assert step_size(study.get_trials(), 0.1) == (best, pytest.approx(sigma * GROW ** -0.25))
+    # a failed trial (a dead worker's) says nothing of the step
+    study.tell(study.ask(fixed_distributions=SPACE), state=optuna.trial.TrialState.FAIL)
+    assert step_size(study.get_trials(), 0.1) == (best, pytest.approx(sigma * GROW ** -0.25))
 
 
 def test_a_resumed_study_proposes_what_the_uninterrupted_one_did(tmp_path):
-    """No state outside the study: a fresh sampler on a reloaded study draws the same point."""
+    """No state outside the study: after a 'crash', a fresh sampler on the study reloaded
+    from SQLite draws the same next point as a study that ran on with the same history, a
+    failed trial (a dead worker's) changes nothing, and so does a fallback draw before any
+    trial is feasible."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    study = optuna.create_study(storage=url, study_name="s", direction="maximize",
-                                sampler=LocalSampler(seed=7))
-    _tell(study, 0.4, 0.3, 1.0, enqueued=True)
-    _tell(study, 0, 0, 0.5)
-    again = optuna.load_study(storage=url, study_name="s", sampler=LocalSampler(seed=7))
-    one, two = study.ask(), again.ask(fixed_distributions=SPACE)
-    # the same trial number in both (a copy of the study would be asked the same number)
-    first = {k: one.suggest_float(k, 0, 1) for k in SPACE}
-    assert first != two.params  # trial numbers 2 and 3: different draws
-    copy = optuna.create_study(direction="maximize", sampler=LocalSampler(seed=7))
-    for t in study.get_trials():
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            copy.add_trial(t)
-    # a trial of number 2 in a study of the same history draws the same point
-    assert copy.ask(fixed_distributions=SPACE).params == pytest.approx(first)
+    for name, feasible in (("s", True), ("none-feasible", False)):
+        study = optuna.create_study(storage=url, study_name=name, direction="maximize",
+                                    sampler=LocalSampler(seed=7))
+        _tell(study, 0.4, 0.3, 1.0, enqueued=True, feasible=feasible)
+        _tell(study, 0, 0, 0.5, feasible=feasible)
+        on = optuna.create_study(direction="maximize", sampler=LocalSampler(seed=7))
+        for t in study.get_trials():
+            on.add_trial(t)
+        # the uninterrupted run's trial 2 (one that failed first, then trial 3)
+        on.tell(on.ask(fixed_distributions=SPACE), state=optuna.trial.TrialState.FAIL)
+        want = on.ask(fixed_distributions=SPACE).params
+        # the crashed run: trial 2 failed by the recovery, a new process asks trial 3
+        del study
+        crashed = optuna.load_study(storage=url, study_name=name, sampler=LocalSampler(seed=7))
+        crashed.tell(crashed.ask(fixed_distributions=SPACE),
+                     state=optuna.trial.TrialState.FAIL)
+        again = optuna.load_study(storage=url, study_name=name, sampler=LocalSampler(seed=7))
+        got = again.ask(fixed_distributions=SPACE)
+        assert got.number == 3 and got.params == pytest.approx(want), name
+        other = optuna.load_study(storage=url, study_name=name, sampler=LocalSampler(seed=8))
+        assert other.ask(fixed_distributions=SPACE).params != pytest.approx(want)
 
 
 def test_it_climbs_a_smooth_constrained_objective_better_than_random_search():

@@ -83,6 +83,8 @@ def test_pruning_records_partial_figures(tiny):
         assert t.user_attrs["stage"] == 1 and t.user_attrs["reward"] is None
         assert t.user_attrs["tax"] > 0 and t.user_attrs["metrics"]
         assert not t.user_attrs["feasible"]
+        # pruned beyond its noise (search.prune_confidence 0.95 reaches the evaluator)
+        assert t.user_attrs["tax"] - 1.6449 * t.user_attrs["tax_se"] > 0
 
 
 def test_mean_ratio_keeps_every_trial_on_the_constraint(tiny):
