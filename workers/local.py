@@ -4,10 +4,10 @@ After the uniform baseline, the best feasible point of a job is usually vanilla 
 tuned to the budget (the bisection's α), and on the reference worlds most of what a cold
 sampler proposes is either over the budget or far below the baseline (docs/benchmarks.md).
 This sampler starts where the answer is: every proposal is the incumbent (the feasible
-trial of highest told value, i.e. the best feasible reward) plus Gaussian noise of
-step size sigma, clipped to the bounds: a Gaussian step of which only MEAN_SHARE of the
-mean component is kept (mostly a redistribution between the groups). The step size follows the one-fifth success rule
-of the (1+1) evolution strategy (Rechenberg; Kern et al. 2004): it grows by
+trial of highest told value, i.e. the best feasible reward) plus a Gaussian step of size
+sigma, clipped to the bounds, of which only MEAN_SHARE of the mean component is kept
+(mostly a redistribution between the groups). The step size follows the one-fifth success
+rule of the (1+1) evolution strategy (Rechenberg; Kern et al. 2004): it grows by
 :data:`GROW` after a proposal that became the new incumbent and shrinks by
 ``GROW ** -1/4`` after one that did not, so it settles where about one proposal in five
 succeeds.

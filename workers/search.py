@@ -16,11 +16,11 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
 - ``mode: constrained`` maximises the reward; ``mode: pareto`` maximises the reward and
   minimises the tax (Optuna's Pareto front, constrained to the budget).
 - Samplers: tpe (default, multivariate), gp, cmaes, nsga2, random, local (workers/local.py),
-  all seeded. TPE, GP and
-  NSGA-II use the constraint; CMA-ES ignores Optuna constraints. Every sampler is told, for
-  an infeasible trial, a value under the best feasible reward, less a penalty proportional
-  to the excess tax (workers/study.py :func:`told_values`: so optuna-dashboard, which ranks by
-  value alone, never calls it best); the ``reward`` and ``tax`` attributes stay true.
+  all seeded. TPE, GP and NSGA-II use the constraint; CMA-ES ignores Optuna constraints.
+  Every sampler is told, for an infeasible trial, a value under the best feasible reward,
+  less a penalty proportional to the excess tax (workers/study.py :func:`told_values`: so
+  optuna-dashboard, which ranks by value alone, never calls it best); the ``reward`` and
+  ``tax`` attributes stay true.
 - Optuna's view: parameters named as the slots (workers/ratios.py; a study begun with
   positional names keeps them), metric names ``reward`` (and ``tax``), the constraint in
   the system attribute both Optuna and optuna-dashboard read.
