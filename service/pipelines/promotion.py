@@ -66,14 +66,19 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
     champion = pipe_db.find_run(s, p.champion_run_id)
     run.champion_run_id = champion.id if champion is not None else None
     reason = None
+    # The search chose the answer feasible on its own data, often at the budget's edge, so a
+    # holdout tax a little over the budget is what its noise predicts half the time: only a
+    # tax over it beyond the noise (its lower bound at promote.confidence; the tax itself
+    # without an SE) refutes the search. The result's flag says either case.
+    se = holdout.get("tax_se") if best is not None else None
+    lower = (stats.lower_bound_of(run.holdout_tax, se, spec.promote.confidence)
+             if best is not None and run.holdout_tax is not None else None)
     if best is None:
         reason = f"no feasible merge within the tax budget {budget}"
-    elif run.holdout_tax is not None and holdout_tax_over(
-            run.holdout_tax, holdout.get("tax_se"), budget, spec.promote.confidence):
+    elif lower is not None and lower > budget:
         reason = (f"its holdout tax {run.holdout_tax:.4g} is over the budget {budget} "
-                  + (f"beyond its noise (SE {holdout['tax_se']:.2g}, lower bound "
-                     f"{stats.lower_bound_of(run.holdout_tax, holdout['tax_se'], spec.promote.confidence):.4g}"
-                     f" at {spec.promote.confidence:.0%}) " if holdout.get("tax_se") else "")
+                  + (f"beyond its noise (SE {se:.2g}, lower bound {lower:.4g} at "
+                     f"{spec.promote.confidence:.0%}) " if se else "")
                   + f"(search tax {run.tax:.4g})")
     elif champion is not None:
         same = same_data(job_db.get_job(s, champion.job_id), job)
@@ -123,16 +128,6 @@ def decide(settings: Settings, s, run_id: str, now: datetime) -> None:
                   f"{spec.promote.margin}") + (f" (flags: {flags})" if flags else "")
     # before the commit: when Redis fails, nothing of this decision is kept
     queue.request_export(settings, s, job, out, field="promote.dir")
-
-
-def holdout_tax_over(tax: float, se: float | None, budget: float, confidence: float) -> bool:
-    """Whether the holdout data say the answer is over the budget: its holdout tax's lower
-    bound at the pipeline's ``confidence`` is above the budget (the point estimate without
-    an SE). The search chose the answer feasible on its own data, often at the budget's
-    edge, so a holdout tax a little over the budget is what its noise predicts half the
-    time; only a tax over it beyond the noise refutes the search (the result's flag says
-    either case). ``tax.confidence`` in the job makes the search itself conservative."""
-    return stats.lower_bound_of(tax, se, confidence) > budget
 
 
 def champion_records(s, run: PipelineRun, champion: PipelineRun, same: bool) -> list | None:
