@@ -53,8 +53,9 @@ MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 
 def aligned2_checkpoint(world: Path, cache_dir: Path, *, steps: int | None, seed: int,
                         lr: float | None) -> tuple[Path, dict]:
-    """The world's aligned model trained ``steps`` more steps on the world's alignment data
-    (same objective and recipe as ``build_world``); cached by a hash of its inputs."""
+    """The world's aligned model trained ``steps`` more steps of its preference stage (the
+    world's alignment data, on the parameters that stage trains: same objective and recipe as
+    ``build_world``); cached by a hash of its inputs."""
     import torch
 
     from workers.checkpoint import sha256_file
@@ -83,7 +84,7 @@ def aligned2_checkpoint(world: Path, cache_dir: Path, *, steps: int | None, seed
     from transformers.utils import logging as hf_logging
 
     from workers.chartok import char_tokenizer
-    from workers.world import _train_lm, skill_scores
+    from workers.world import _train_lm, skill_scores, top_parameters
 
     hf_logging.disable_progress_bar()
     print(f"training aligned2: {steps} more alignment steps (world: {cfg.align_steps}), "
@@ -94,7 +95,8 @@ def aligned2_checkpoint(world: Path, cache_dir: Path, *, steps: int | None, seed
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     before = skill_scores(model.eval(), tok, data.sets)
     losses = _train_lm(model, data.align, tok, steps=steps, lr=lr, batch_size=cfg.batch_size,
-                       seq_len=cfg.seq_len, seed=seed, progress=None, stage="align2")
+                       seq_len=cfg.seq_len, seed=seed, progress=None, stage="align2",
+                       params=top_parameters(model, cfg.layers, cfg.align_layers))
     after = skill_scores(model, tok, data.sets)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)

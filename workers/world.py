@@ -5,9 +5,10 @@
     DIR/models/base      a 6-layer character-level Llama pretrained on three skills:
                          addition ("12+7=19"), facts ("zorp is red.") and a toy grammar,
                          plus plain question answering ("Q: ...\\nA: the cat is small.")
-    DIR/models/aligned   the base model fine-tuned toward a style preference (cheerful
-                         answers: "A: Yay! the cat is small :)") on style data only (asking
-                         about half of the facts), long enough that it clearly forgets
+    DIR/models/aligned   the base model after a two-stage alignment run (asking about half
+                         of the facts): chat fine-tuning of the whole model on plain answers,
+                         then a preference stage on the top layers only (cheerful answers:
+                         "A: Yay! the cat is small :)"), long enough that it clearly forgets
                          addition and the grammar: a real alignment tax
     DIR/models/reward    a small sequence-classification reward model for the style, trained
                          on (styled, plain) answer pairs with the Bradley-Terry loss
@@ -29,9 +30,20 @@ input/output embeddings, LayerNorm with biases, learned positions, Conv1D projec
 ``transformer.h.<i>.attn.c_attn`` ...), so a search can be checked on an architecture other
 than the one it was tuned on. Its spec is named ``gpt2-world``.
 
-Everything is seeded; the same machine builds the same world. The alignment step is
+Everything is seeded; the same machine builds the same world. The preference stage is
 "reward-ranked fine-tuning" in its simplest form (SFT on the responses the reward prefers),
 the family the HMA paper's RSF/RAFT runs belong to.
+
+Why two stages (world v4). With one stage on the whole model (v3), the style needed every
+block to move together: no per-group merge of blocks:3 beat vanilla averaging tuned to the
+budget by more than the noise, so the world could not show what HMA is for. Real alignment
+runs are staged (SFT, then RLHF), and the paper found that the low layers carry more of the
+forgetting than of the reward ("averaging only the low layers improved both reward and NLP
+scores"). v4 builds that in, the way a pipeline would: the chat stage moves every layer (a
+tax with no reward), and the preference stage trains ``align_layers`` top layers and the
+output head (the reward, and a tax of its own). Measured on one build (320 prompts): the top
+block alone at 0.7 costs the tax of vanilla averaging at 0.6 (0.054) for a reward 1.3
+higher. The structure is there to be found; the search does not know it.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import fcntl
 import json
 import logging
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -58,7 +71,7 @@ __all__ = ["ARCHES", "WORLD_VERSION", "WorldConfig", "WorldData", "build_world",
 log = logging.getLogger(__name__)
 
 #: bump when the world's recipe changes: cached worlds of another version are rebuilt
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 
@@ -73,7 +86,12 @@ class WorldConfig:
     intermediate: int = 192
     pretrain_steps: int = 1500
     pretrain_lr: float = 3e-3
-    align_steps: int = 300
+    #: the alignment run's first stage: the whole model, plain chat answers
+    chat_steps: int = 200
+    #: its preference stage: styled answers, on the top ``align_layers`` layers, the final
+    #: norm and an untied output head (0: every parameter)
+    align_steps: int = 150
+    align_layers: int = 2
     align_lr: float = 2e-3
     reward_steps: int = 200
     batch_size: int = 64
@@ -115,9 +133,15 @@ def _batches(lines: Sequence[str], tok, batch_size: int, seq_len: int, steps: in
 
 def _train_lm(model, lines, tok, *, steps: int, lr: float, batch_size: int, seq_len: int,
               seed: int,
-              progress: Callable[[str, int, int, float], None] | None, stage: str) -> list[float]:
+              progress: Callable[[str, int, int, float], None] | None, stage: str,
+              params=None) -> list[float]:
+    """Train ``params`` (default: all of the model's) on ``lines`` for ``steps`` steps."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    params = list(model.parameters()) if params is None else list(params)
+    trained = {id(p) for p in params}
+    for p in model.parameters():  # no gradients for the rest (and none left on them)
+        p.requires_grad_(id(p) in trained)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
     model.train()
@@ -127,14 +151,31 @@ def _train_lm(model, lines, tok, *, steps: int, lr: float, batch_size: int, seq_
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         if progress and (step % 50 == 0 or step == steps):
             progress(stage, step, steps, sum(losses[-50:]) / len(losses[-50:]))
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     return losses
+
+
+def top_parameters(model, n_layers: int, top: int) -> list:
+    """The parameters of the top ``top`` decoder layers, the final norm and an untied output
+    head (a tied head is the input embedding, which stays); every parameter for ``top`` 0."""
+    if top <= 0:
+        return list(model.parameters())
+    first = n_layers - top
+    chosen = []
+    for name, p in model.named_parameters():  # a tied head is listed once, as the embedding
+        layer = re.search(r"\.(?:layers|h)\.(\d+)\.", name)
+        if (layer and int(layer.group(1)) >= first) or name.startswith(
+                ("model.norm.", "transformer.ln_f.", "lm_head.")):
+            chosen.append(p)
+    return chosen
 
 
 def _train_reward(model, pairs: Sequence[tuple[str, str]], tok, *, steps: int, batch_size: int,
@@ -293,10 +334,13 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     base_fresh = skill_scores(base, tok, data.fresh)
 
     aligned = base
+    chat_losses = _train_lm(aligned, data.chat, tok, steps=cfg.chat_steps, lr=cfg.align_lr,
+                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 1,
+                            progress=progress, stage="align: chat")
     align_losses = _train_lm(aligned, data.align, tok, steps=cfg.align_steps, lr=cfg.align_lr,
-                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 1,
-                             progress=progress,
-                             stage="align")
+                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 4,
+                             progress=progress, stage="align: preference",
+                             params=top_parameters(aligned, cfg.layers, cfg.align_layers))
     aligned.save_pretrained(tmp / "models" / "aligned")
     tok.save_pretrained(tmp / "models" / "aligned")
     aligned_scores = skill_scores(aligned, tok, data.sets)
@@ -337,7 +381,8 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         "losses": {"pretrain_final": sum(pre_losses[-50:]) / 50,
-                   "align_final": sum(align_losses[-50:]) / 50,
+                   "chat_final": sum(chat_losses[-50:]) / len(chat_losses[-50:]),
+                   "align_final": sum(align_losses[-50:]) / len(align_losses[-50:]),
                    "reward_final": sum(rm_losses[-50:]) / 50},
         "skills": {"base": base_scores, "aligned": aligned_scores},
         "reward": {k: sum(v) / len(v) for k, v in per_prompt.items()},

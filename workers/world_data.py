@@ -90,6 +90,7 @@ class WorldData:
     facts: dict[str, str]
     pretrain: list[str]
     align: list[str]
+    chat: list[str]  # the alignment run's first stage: plain answers (see workers.world)
     sets: dict[str, list[dict]]  # the job's evaluation sets (DIR/data/<name>.jsonl)
     fresh: dict[str, list[dict]]  # the same generators, disjoint records (DIR/data/fresh/)
 
@@ -179,6 +180,13 @@ def make_data(seed: int) -> WorldData:
     for _ in range(1600):
         q, a = question(rng, facts, asked)
         align.append(q + styled(a))
+    # the alignment run's first stage, chat fine-tuning: the same questions, plain answers (a
+    # generator of its own, so that the rest of the data is as world v3 drew it)
+    chat_rng = random.Random(seed + 17)
+    chat = []
+    for _ in range(1600):
+        q, a = question(chat_rng, facts, asked)
+        chat.append(q + a)
 
     prompt_rng = random.Random(seed + 7)
     prompts = _reward_prompts(prompt_rng, facts, 2 * N_REWARD_PROMPTS)
@@ -209,4 +217,4 @@ def make_data(seed: int) -> WorldData:
     for name, (job_part, fresh_part) in records.items():
         sets[name] = [shape[name](r) for r in job_part]
         fresh[name] = [shape[name](r) for r in fresh_part]
-    return WorldData(facts, pretrain, align, sets, fresh)
+    return WorldData(facts, pretrain, align, chat, sets, fresh)

@@ -16,7 +16,7 @@ from tests.models import read_folder
 from workers.world import WorldConfig, build_world, make_data
 from workers.world_data import N_ENTITIES, N_REWARD_PROMPTS, N_TAX_ITEMS
 
-TINY = dict(layers=2, hidden=32, intermediate=64, pretrain_steps=4, align_steps=3,
+TINY = dict(layers=2, hidden=32, intermediate=64, pretrain_steps=4, chat_steps=2, align_steps=3,
             reward_steps=3, batch_size=8, seq_len=32)
 
 
@@ -41,6 +41,33 @@ def test_data_is_deterministic_and_well_formed():
     assert not {r["text"] for r in a.sets["text"] + a.fresh["text"]} & set(a.pretrain)
     asked = {line.split("what about ")[1].split("?")[0] for line in a.align if "what about" in line}
     assert asked and len(asked) <= len(a.facts) // 2
+    # the chat stage asks the same half of the facts, with plain answers
+    chat_asked = {line.split("what about ")[1].split("?")[0] for line in a.chat
+                  if "what about" in line}
+    assert chat_asked and chat_asked <= set(list(a.facts)[: len(a.facts) // 2])
+    assert a.chat == b.chat and not any("Yay!" in line for line in a.chat)
+    assert all("Yay!" in line for line in a.align)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_preference_stage_trains_the_top_layers_and_the_head(arch):
+    from workers.chartok import char_tokenizer
+    from workers.world import _lm_class, _lm_config, top_parameters
+
+    cfg = WorldConfig(**dict(TINY, layers=3, arch=arch))
+    model = _lm_class(cfg)(_lm_config(cfg, char_tokenizer()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = {names[id(p)] for p in top_parameters(model, 3, 1)}
+    if arch == "llama":
+        assert chosen and all(n.startswith(("model.layers.2.", "model.norm.", "lm_head."))
+                              for n in chosen)
+        assert "lm_head.weight" in chosen and "model.norm.weight" in chosen
+    else:  # the tied head is the input embedding: it stays with the first block
+        assert chosen and all(n.startswith(("transformer.h.2.", "transformer.ln_f."))
+                              for n in chosen)
+        assert "transformer.ln_f.weight" in chosen
+    assert not any(".1." in n or ".0." in n or "embed" in n or "wte" in n for n in chosen)
+    assert len(top_parameters(model, 3, 0)) == len(list(model.parameters()))
 
 
 def test_reward_prompts_cover_the_trained_forms_and_are_half_about_names():
@@ -71,6 +98,11 @@ def test_build_is_deterministic(tmp_path):
         t1, t2 = read_folder(tmp_path / "w1/models" / model), read_folder(tmp_path / "w2/models" / model)
         assert t1.keys() == t2.keys()
         assert all((t1[k] == t2[k]).all() for k in t1)
+    # both stages moved the model: the chat stage every layer, the preference stage the top
+    base, aligned = read_folder(tmp_path / "w1/models/base"), read_folder(tmp_path / "w1/models/aligned")
+    assert all(not (base[k] == aligned[k]).all() for k in base if "layers.0." in k or "layers.1." in k)
+    info = json.loads((tmp_path / "w1/world.json").read_text())
+    assert info["version"] == 4 and {"chat_final", "align_final"} <= info["losses"].keys()
     spec = load_spec(tmp_path / "w1/spec.yaml")
     assert spec.groups.describe() == "blocks:3" and spec.reward.type == "reward_model"
     assert (tmp_path / "w1/world.json").is_file() and not (tmp_path / ".w1.building").exists()
