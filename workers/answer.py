@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from service.stats import Interval, paired_interval, upper_bound
+from service.stats import Interval, lower_bound_of, paired_interval, upper_bound
 from workers.results import TrialRecord, best_of
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def _held_out(answer: Answer, search, measure, budget: float, confidence: float 
     h, g = answer.best_holdout, answer.holdout_gain
     if not h["feasible"]:
         answer.flag("holdout_over_budget", f"the holdout tax {h['tax']:.4g} is over the budget "
-                                           f"{budget}" + _se(h["tax_se"]))
+                                           f"{budget}" + _se(h["tax_se"])
+                    + _noise(h["tax"], h["tax_se"], budget))
     if g is not None and g.mean < 0:
         answer.flag("holdout_gain_negative", f"on the holdout data the winner loses to the "
                                              f"best uniform ratio by {-g.mean:.4g}")
@@ -191,6 +192,17 @@ def _paired(a, b) -> Interval | None:
         return Interval(a.reward - b.reward, a.reward - b.reward, a.reward - b.reward, None,
                         1, GAIN_LEVEL)
     return paired_interval(ra, rb, level=GAIN_LEVEL)
+
+
+def _noise(tax: float, se: float | None, budget: float) -> str:
+    """Whether a tax over the budget is over it beyond its noise: its one-sided lower bound
+    at :data:`GAIN_LEVEL` above the budget (the pipelines keep such a run unpromoted)."""
+    if se is None:
+        return ""
+    low = lower_bound_of(tax, se, GAIN_LEVEL)
+    if low > budget:
+        return f", beyond its noise (one-sided 95 % lower bound {low:.4g})"
+    return f", within its noise (one-sided 95 % lower bound {low:.4g} is under the budget)"
 
 
 def _se(se: float | None) -> str:

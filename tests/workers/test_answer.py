@@ -115,8 +115,15 @@ def test_flags_say_when_the_holdout_does_not_agree():
                                                "validation": _m([1, 1, 1, 1], 0.05),
                                                "holdout": _m([1, 1, 0, 1], 0.05)}),
     })
-    codes = {f["code"] for f in choose(search, records).flags}
-    assert codes == {"holdout_over_budget", "holdout_gain_negative"}
+    flags = {f["code"]: f["message"] for f in choose(search, records).flags}
+    assert flags.keys() == {"holdout_over_budget", "holdout_gain_negative"}
+    # 0.12 with SE 0.001 against 0.1: over the budget beyond its noise
+    assert "beyond its noise" in flags["holdout_over_budget"]
+    search.evaluator.parts[((0.7, 0.7), "holdout")] = _m([0, 1, 0, 1], 0.105, tax_se=0.01)
+    over = [f["message"] for f in choose(search, records).flags
+            if f["code"] == "holdout_over_budget"]
+    # 0.105 with SE 0.01: the lower bound 0.105 - 1.645 * 0.01 = 0.0886 is under the budget
+    assert over and "within its noise" in over[0] and "0.08855" in over[0]
     search.evaluator.parts[((0.7, 0.7), "holdout")] = _m([1, 2, 0, 1], 0.08)
     a = choose(search, records)
     assert {f["code"] for f in a.flags} == {"holdout_gain_not_significant"}
