@@ -305,7 +305,8 @@ class JobRun:
             return "trials done; another worker writes the result"
         result = search.result(base_cached=cached, base_seconds=base_seconds,
                                total_seconds=time.perf_counter() - t0,
-                               on_batch=self.check_batch)
+                               on_batch=self.check_batch,
+                               on_trial=lambda rec: self.record(search, rec))
         if self.worker.lost:
             raise WorkerLost()
         with session_scope(self.url) as session:

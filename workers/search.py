@@ -179,6 +179,7 @@ class Search:
         self.study.set_user_attr("placement", merger.placement())
         #: this process's search-data measurements by trial number (per-record values)
         self.measured: dict[int, object] = {}
+        self.on_trial: Callable[[TrialRecord], None] | None = None
         self.stages = Stages(self)
         self.stages.enqueue_initial()
 
@@ -314,6 +315,26 @@ class Search:
                     feasible=feasible, best_feasible=best, spread=spread))
         return record
 
+    def run_uniform(self, alpha: float, on_batch=None) -> TrialRecord:
+        """One more uniform trial at ``alpha``, run now whatever the cap (the answer stage's
+        baseline on the pooled records: workers/answer.py). The trial is created RUNNING with
+        its fixed parameters, so no waiting trial of the queue is taken in its place; its
+        ``answer_stage`` attribute says where it came from. ``self.on_trial`` (set by
+        :meth:`result`) records it as the driver's trials are."""
+        template = optuna.trial.create_trial(
+            state=TrialState.RUNNING,
+            system_attrs={"fixed_params": self.space.uniform_params(alpha)},
+            user_attrs={"kind": "uniform", "uniform_ratio": alpha, "answer_stage": True})
+        # through the study's own storage: for a database it is Optuna's caching wrapper,
+        # which must know the trial before its parameters are set (Study.ask does the same)
+        trial_id = self.study._storage.create_new_trial(self.study_id, template_trial=template)
+        log.info("search %s: the answer stage adds uniform α %.6g (pooled tax budget)",
+                 self.name, alpha)
+        record = self.run_trial(on_batch=on_batch, trial=optuna.Trial(self.study, trial_id))
+        if self.on_trial is not None:
+            self.on_trial(record)
+        return record
+
     # ------------------------------------------------------------------ results
 
     def records(self) -> list[TrialRecord]:
@@ -339,11 +360,14 @@ class Search:
         return part_dict(m, self.spec.tax.budget, self.spec.tax.confidence)
 
     def result(self, *, base_cached: bool, base_seconds: float, total_seconds: float,
-               on_batch=None) -> SearchResult:
+               on_batch=None, on_trial: Callable[[TrialRecord], None] | None = None,
+               ) -> SearchResult:
         """Choose the answer (finalists on the validation data, held-out figures, paired
-        gains: workers/answer.py) and store the result in the study."""
-        records = self.records()
-        answer = choose(self, records, on_batch)
+        gains: workers/answer.py) and store the result in the study. ``on_trial`` gets the
+        trials the answer stage adds (:meth:`run_uniform`), as the driver's hook does."""
+        self.on_trial = on_trial
+        answer = choose(self, self.records(), on_batch)
+        records = self.records()  # with the answer stage's trials
         counts, seconds = summary(records, base_seconds=base_seconds, total_seconds=total_seconds)
         result = SearchResult(
             self.name, self.storage_url, self.spec.mode, self.spec.tax.budget, self.slots,
@@ -389,7 +413,7 @@ def run_search(spec: JobSpec, *, storage: str | None = None, name: str | None = 
             bar.close()
     say("re-measuring the best ratios and the best uniform ratio on the holdout data")
     return search.result(base_cached=cached, base_seconds=base_seconds,
-                         total_seconds=time.perf_counter() - started)
+                         total_seconds=time.perf_counter() - started, on_trial=on_trial)
 
 
 def _bar(total: int, initial: int):

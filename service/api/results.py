@@ -133,7 +133,7 @@ class Flag(BaseModel):
 
     code: str = Field(description="holdout_over_budget | holdout_gain_negative | "
                       "holdout_gain_not_significant | not_held_out | validation_over_budget | "
-                      "no_holdout")
+                      "uniform_over_budget | no_holdout")
     message: str
 
 

@@ -185,3 +185,58 @@ def test_feasibility_pools_the_search_and_validation_tax_so_the_baseline_stays_n
     search.evaluator.parts[((0.7, 0.5), "validation")] = _m([9, 9, 9, 9], 0.2)
     a = choose(search, records)
     assert a.best.number == 4 and a.uniform.number == 4
+
+
+@dataclass
+class _TuningSearch(_Search):
+    """A search that can add uniform trials (``run_uniform``) on a constructed tax curve: the
+    validation records cost more tax than the search ones (0.2 α against 0.14 α), as a split
+    can, for every merge alike."""
+
+    added: list = field(default_factory=list)
+
+    def run_uniform(self, alpha, on_batch=None):
+        number = 100 + len(self.added)
+        ms = {"search": _m([4 * alpha] * 4, 0.14 * alpha),
+              "validation": _m([4 * alpha] * 4, 0.2 * alpha),
+              "holdout": _m([4 * alpha] * 4, 0.14 * alpha)}
+        for part, m in ms.items():
+            self.evaluator.parts[((alpha, alpha), part)] = m
+        self.measured[number] = ms["search"]
+        self.added.append(alpha)
+        return _record(number, "uniform", [alpha, alpha], ms["search"])
+
+
+def _uniform_case(alpha, number):
+    return (number, "uniform", [alpha, alpha], {
+        "search": _m([4 * alpha] * 4, 0.14 * alpha), "validation": _m([4 * alpha] * 4, 0.2 * alpha),
+        "holdout": _m([4 * alpha] * 4, 0.14 * alpha)})
+
+
+def test_the_baseline_is_tuned_to_the_budget_on_the_pooled_records():
+    """Both uniform finalists are within the budget on the search records and over it on the
+    pooled ones: the answer stage adds uniform trials on a secant of the pooled tax (α 0, tax
+    0 to the lowest α over), and the baseline is the best of them within the budget, not an
+    α the answer's rule refuses."""
+    cases = {
+        "block": (9, "search", [0.3, 0.9], {"search": _m([3, 3, 3, 3], 0.09),
+                                            "validation": _m([3, 3, 3, 2], 0.095),
+                                            "holdout": _m([3, 3, 2, 3], 0.09)}),
+        "u70": _uniform_case(0.7, 5), "u65": _uniform_case(0.65, 4),
+    }
+    search, records = _world(cases)
+    tuning = _TuningSearch(search.spec, search.evaluator, search.merger, search.measured)
+    a = choose(tuning, records)
+    # pooled tax 0.17 α: α 0.65 is at 0.1105. The secant from (0, 0) gives 0.5882, held a
+    # tenth of the bracket inside: 0.585 (pooled 0.09945, within); then the secant between
+    # 0.585 and 0.65 gives 0.58824, held inside [0.5915, 0.6435]: 0.5915 (0.10055, over)
+    assert tuning.added == pytest.approx([0.585, 0.5915])
+    assert a.uniform.number == 100 and a.uniform.ratios == pytest.approx([0.585, 0.585])
+    assert a.best.number == 9 and "uniform_over_budget" not in {f["code"] for f in a.flags}
+    added = {f["trial"]: f for f in a.finalists if f["trial"] >= 100}
+    assert added[100]["validation_feasible"] and not added[101]["validation_feasible"]
+    assert a.holdout_gain.mean == pytest.approx(2.75 - 4 * 0.585)
+    # a search that cannot add trials keeps the search rule's uniform ratio, and says so
+    a = choose(search, records)
+    assert a.uniform.number == 5
+    assert "uniform_over_budget" in {f["code"] for f in a.flags}

@@ -439,3 +439,26 @@ def test_a_new_best_sampler_trial_is_walked_along_its_ray_to_the_budget(tiny):
     assert 1.0 < second.user_attrs["ray_scale"] < scale
     tell(second, 0.099, 1.2)
     assert s.claim().user_attrs.get("kind", "search") == "search"  # walk_steps 2: done
+
+
+def test_the_answer_stage_adds_a_uniform_trial_past_the_cap_without_taking_a_queued_one(
+        tiny, tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = _search({**tiny, "search": {**tiny["search"], "n_trials": 4}}, storage=url)
+    s.run()
+    assert s.finished() == 4 and s.claim() is None
+    s.study.enqueue_trial(s.space.uniform_params(0.9), user_attrs={"kind": "warm"})
+    seen = []
+    s.on_trial = seen.append
+    record = s.run_uniform(0.25)
+    assert record.kind == "uniform" and record.ratios == [0.25, 0.25] and seen == [record]
+    trials = s.study.get_trials()
+    added = trials[record.number]
+    assert added.state == TrialState.COMPLETE and added.params == s.space.uniform_params(0.25)
+    assert added.user_attrs["answer_stage"] and added.user_attrs["uniform_ratio"] == 0.25
+    assert list(added.constraints.values()) == [pytest.approx(added.user_attrs["tax"] - 0.5)]
+    # the queued trial is still queued, and the study reloads with the trial in its records
+    assert [t.user_attrs["kind"] for t in trials if t.state == TrialState.WAITING] == ["warm"]
+    again = _search({**tiny, "search": {**tiny["search"], "n_trials": 4}}, storage=url,
+                    resume=True)
+    assert [r.number for r in again.records()][-1] == record.number

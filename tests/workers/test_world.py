@@ -185,7 +185,11 @@ def test_search_on_the_reference_world_beats_vanilla_averaging(world, tmp_path):
     assert r["best"]["reward"] >= r["best_uniform"]["reward"]
     assert r["best"]["holdout"]["reward"] is not None
     study = optuna.load_study(study_name="hmaopt:reference-world", storage=url)
-    assert len(study.trials) == 24
+    # 24, and at most 2 uniform trials the answer stage added (vanilla averaging tuned to the
+    # budget on the pooled search + validation tax: workers/answer.py)
+    added = [t for t in study.trials if t.user_attrs.get("answer_stage")]
+    assert len(study.trials) - len(added) == 24 and len(added) <= 2
+    assert all(t.user_attrs["kind"] == "uniform" for t in added)
     assert study.user_attrs["result"]["best"]["trial"] == r["best"]["trial"]
     best = study.trials[r["best"]["trial"]]
     assert best.user_attrs["ratios"] == pytest.approx(r["best"]["ratios"])
@@ -272,7 +276,8 @@ def test_search_runs_on_the_gpt2_world(gpt2_worlds, tmp_path):
     r = json.loads(out.read_text())
     assert r["slots"] == ["block0", "block1", "block2"]
     assert r["stages"]["gradient"]["evaluations"] >= 1
-    assert sum(s["evaluations"] for s in r["stages"].values()) == 8
-    assert r["gradient"]["seconds"] > 0 and len(r["gradient"]["ratios"]) == 3
     study = optuna.load_study(study_name="hmaopt:gpt2-world", storage=url)
-    assert len(study.trials) == 8
+    added = sum(bool(t.user_attrs.get("answer_stage")) for t in study.trials)  # at most 2
+    assert len(study.trials) == 8 + added and added <= 2
+    assert sum(s["evaluations"] for s in r["stages"].values()) == 8 + added
+    assert r["gradient"]["seconds"] > 0 and len(r["gradient"]["ratios"]) == 3
