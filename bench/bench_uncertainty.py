@@ -15,6 +15,10 @@ On the reference world, SEEDS seeds x TRIALS trials of the default search (tpe).
   data is the same in every seed, so a harder search part than holdout part shifts every
   merge's reward alike: the reward curse carries that offset, the gain curse cancels it.
   A merge equal to the uniform ratio has a gain curse of 0.
+- why the answer won: each finalist's search and validation reward and its pooled tax
+  (search + validation records, the rule of workers/answer.py), and, for the sampler's
+  finalists the answer beat, whether they lost on the validation reward or failed the
+  pooled tax test (kept in the JSON per seed; counted in the summary).
 
     python bench/bench_uncertainty.py [--world DIR] [--seeds 10] [--trials 40]
         [--sampler tpe] [--json FILE]
@@ -34,6 +38,14 @@ from typing import get_args
 from _common import machine_info, table, world_job, write_json  # bench/ is the script's folder
 
 from service.spec import SamplerName
+
+
+def why_lost(finalists: list[dict], winner: int) -> dict:
+    """How the sampler's finalists (not uniform ratios) other than the answer lost: on the
+    pooled tax test (``over_budget``) or, feasible, on the validation reward."""
+    lost = [f for f in finalists if f["kind"] != "uniform" and f["trial"] != winner]
+    over = sum(not f["validation_feasible"] for f in lost)
+    return {"lower_validation_reward": len(lost) - over, "over_budget": over}
 
 
 def main() -> None:
@@ -102,6 +114,7 @@ def main() -> None:
         before = (lucky.reward - lucky_holdout["reward"]) / lucky.reward_se
         covered = hg.lo <= fg.mean <= hg.hi
         gain_after, gain_before = gain_curse(best, uniform), gain_curse(lucky, uniform)
+        why = why_lost(result.finalists, best.number)
         per_seed.append({
             "seed": seed, "winner": best.number, "lucky": lucky.number,
             "search_gain": result.gain, "gain_ci95": result.gain_interval.to_list(),
@@ -111,12 +124,14 @@ def main() -> None:
             "gain_curse_after_se": gain_after, "gain_curse_before_se": gain_before,
             "best_search_reward": best.reward, "best_holdout_reward": result.best_holdout["reward"],
             "best_reward_se": best.reward_se, "best_tax": best.tax,
-            "best_holdout_tax": result.best_holdout["tax"], "flags": result.flags})
+            "best_holdout_tax": result.best_holdout["tax"], "flags": result.flags,
+            "answer_kind": best.kind, "finalists": result.finalists, "finalists_lost": why})
         rows.append([seed, best.number, f"{result.gain:+.3f}",
                      f"{hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}]",
                      f"{fg.mean:+.3f} [{fg.lo:+.3f}, {fg.hi:+.3f}]", "yes" if covered else "no",
                      f"{before:+.2f}", f"{after:+.2f}", f"{gain_before:+.2f}",
-                     f"{gain_after:+.2f}"])
+                     f"{gain_after:+.2f}", best.kind,
+                     f"{why['lower_validation_reward']}/{why['over_budget']}"])
         print(f"seed {seed}: holdout gain {hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}], fresh "
               f"{fg.mean:+.3f}, curse before {before:+.2f} SE after {after:+.2f} SE, gain curse "
               f"before {gain_before:+.2f} after {gain_after:+.2f}", flush=True)
@@ -140,10 +155,14 @@ def main() -> None:
         "n_reward": {part: len(ev.reward_sets.get(part, [])) for part in
                      ("search", "validation", "holdout")},
         "n_fresh": per_seed[0]["n_fresh"],
+        "answer_uniform": sum(p["answer_kind"] == "uniform" for p in per_seed),
+        "finalists_lost_on_reward": sum(p["finalists_lost"]["lower_validation_reward"]
+                                        for p in per_seed),
+        "finalists_lost_on_tax": sum(p["finalists_lost"]["over_budget"] for p in per_seed),
     }
     print(table(["seed", "answer", "search gain", "holdout gain [95 %]", "fresh gain [95 %]",
                  "covers", "curse before", "curse after", "gain curse before",
-                 "gain curse after"], rows))
+                 "gain curse after", "answer kind", "finalists lost: reward/tax"], rows))
     print(f"holdout gain > 0: {summary['holdout_gain_positive']}/{n}; interval excludes 0: "
           f"{summary['holdout_ci_excludes_zero']}/{n}; covers the fresh gain: "
           f"{summary['ci_covers_fresh']}/{n}; winner's curse (search - holdout reward, in "
@@ -151,7 +170,10 @@ def main() -> None:
           f"{summary['curse_before_sd_se'] or 0:.2f}), after "
           f"{summary['curse_after_mean_se']:+.2f} (sd {summary['curse_after_sd_se'] or 0:.2f}); "
           f"gain curse: before {summary['gain_curse_before_mean_se']:+.2f}, after "
-          f"{summary['gain_curse_after_mean_se']:+.2f}")
+          f"{summary['gain_curse_after_mean_se']:+.2f}; answer is a uniform ratio in "
+          f"{summary['answer_uniform']}/{n}; the sampler's finalists the answer beat lost on the "
+          f"validation reward {summary['finalists_lost_on_reward']} times and on the pooled tax "
+          f"{summary['finalists_lost_on_tax']} times")
     write_json(args.json_out, {"machine": machine_info(), "summary": summary,
                                "per_seed": per_seed})
 
