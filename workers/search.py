@@ -320,7 +320,13 @@ class Search:
         baseline on the pooled records: workers/answer.py). The trial is created RUNNING with
         its fixed parameters, so no waiting trial of the queue is taken in its place; its
         ``answer_stage`` attribute says where it came from. ``self.on_trial`` (set by
-        :meth:`result`) records it as the driver's trials are."""
+        :meth:`result`) records it as the driver's trials are. A finished answer-stage trial
+        at ``alpha`` (a result computed again, after a crash) is reused, not run twice."""
+        for t in self.study.get_trials(deepcopy=False, states=_FINISHED):
+            if t.user_attrs.get("answer_stage") and t.user_attrs.get("uniform_ratio") == alpha:
+                found = TrialRecord.from_attrs(t.number, t.user_attrs)
+                if found is not None:
+                    return found
         template = optuna.trial.create_trial(
             state=TrialState.RUNNING,
             system_attrs={"fixed_params": self.space.uniform_params(alpha)},

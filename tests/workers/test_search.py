@@ -462,3 +462,6 @@ def test_the_answer_stage_adds_a_uniform_trial_past_the_cap_without_taking_a_que
     again = _search({**tiny, "search": {**tiny["search"], "n_trials": 4}}, storage=url,
                     resume=True)
     assert [r.number for r in again.records()][-1] == record.number
+    # a result computed again (after a crash) reuses the trial instead of running it twice
+    assert again.run_uniform(0.25).number == record.number
+    assert len(again.study.get_trials()) == len(trials)
