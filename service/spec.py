@@ -217,6 +217,11 @@ class SearchSpec(BaseModel):
     finalists: int = Field(3, ge=1, le=20, description="feasible trials of highest search "
                            "reward measured on the validation data (plus the two best "
                            "uniform ratios)")
+    pooled_uniform_trials: int = Field(
+        2, ge=0, le=6, description="uniform trials the answer stage may add, past n_trials, "
+        "to tune vanilla averaging to the budget on the search and validation tax pooled when "
+        "no uniform finalist is within it there (the baseline then obeys the answer's own "
+        "rule); 0: never")
     workers: int = Field(1, ge=1, le=64, description="service only: workers that share this "
                          "job; n_trials stays the cap over all of them")
     uniform_grid: list[float] | None = Field(

@@ -37,9 +37,7 @@ log = logging.getLogger(__name__)
 UNIFORM_FINALISTS = 2
 #: the level of the gain intervals
 GAIN_LEVEL = 0.95
-#: uniform trials the answer stage may add to tune vanilla averaging to the pooled budget
-UNIFORM_REFINE = 2
-#: the narrowest α bracket it steps in
+#: the narrowest α bracket the answer stage's uniform trials step in
 MIN_STEP = 0.005
 
 
@@ -123,6 +121,7 @@ def choose(search, records: list[TrialRecord], on_batch=None) -> Answer:
 
         for r in finalists:
             score(r)
+        _more_finalists(feasible, scored, score, spec.search.finalists)
         _pooled_uniform(search, scored, score, budget, on_batch)
         answer.chosen_by = "validation"
         ok = [(r, v) for r, v in scored if v["feasible"]]
@@ -150,17 +149,33 @@ def choose(search, records: list[TrialRecord], on_batch=None) -> Answer:
     return answer
 
 
+def _more_finalists(feasible: list[TrialRecord], scored: list, score, n: int) -> None:
+    """When no finalist of the sampler's (not a uniform ratio) is within the budget on the
+    pooled records, score the next feasible ones by search reward, up to ``n`` more, until
+    one is. The best search rewards crowd the budget's edge, where the pooled test is close
+    to a coin flip; without this the answer would fall to the uniform ratio (or to the
+    search rule) although a merge with some tax to spare was measured."""
+    if any(v["feasible"] for r, v in scored if r.kind != "uniform"):
+        return
+    done = {r.number for r, _ in scored}
+    for r in [r for r in feasible if r.kind != "uniform" and r.number not in done][:n]:
+        if score(r)["feasible"]:
+            return
+
+
 def _pooled_uniform(search, scored: list, score, budget: float, on_batch) -> None:
     """Tune vanilla averaging to the budget on the pooled records when no uniform finalist is
     within it there. The bisection tuned α on the search records alone, so where the
     validation records cost more tax (a split's offset: every merge alike) the best uniform
     ratios sit over the budget by the answer's own rule. The baseline would then be an α that
     rule refuses (the gain understated) or the next lower α measured (often far lower: the
-    gain inflated). Instead up to :data:`UNIFORM_REFINE` uniform trials are added
+    gain inflated). Instead up to ``search.pooled_uniform_trials`` uniform trials are added
     (``search.run_uniform``), each a secant step on the pooled tax's bound between the
     highest α within the budget (θ_base, α 0 and tax 0, to begin with) and the lowest over
-    it, held a tenth of the bracket inside; each is scored as a finalist. Not under
-    ``mean_ratio`` (the uniform ratio is fixed) or ``ratio_bounds`` above 0 (no α 0)."""
+    it, held a fiftieth of the bracket inside (the tax rises faster than linearly in α, so a
+    secant from α 0 lands under the budget: no wider margin is needed); each is scored as a
+    finalist. Not under ``mean_ratio`` (the uniform ratio is fixed) or ``ratio_bounds``
+    above 0 (no α 0)."""
     run = getattr(search, "run_uniform", None)
     spec = search.spec
     uniform = [(r, v) for r, v in scored if r.kind == "uniform"]
@@ -169,13 +184,13 @@ def _pooled_uniform(search, scored: list, score, budget: float, on_batch) -> Non
         return
     lo = (0.0, 0.0)
     hi = min((r.ratios[0], v["bound"]) for r, v in uniform)
-    for _ in range(UNIFORM_REFINE):
+    for _ in range(spec.search.pooled_uniform_trials):
         (a0, t0), (a1, t1) = lo, hi
         width = a1 - a0
         if width <= MIN_STEP or t1 <= t0:
             return
         alpha = a0 + (budget - t0) * width / (t1 - t0)
-        alpha = round(min(max(alpha, a0 + width / 10), a1 - width / 10), 6)
+        alpha = round(min(max(alpha, a0 + width / 50), a1 - width / 50), 6)
         record = run(alpha, on_batch)
         v = score(record)
         if v["feasible"]:
@@ -220,10 +235,14 @@ def _held_out(answer: Answer, search, measure, budget: float, confidence: float 
         answer.per_record["best_uniform"] = {"holdout_reward": uh.reward_records}
         answer.holdout_gain = _paired(mh, uh)
     h, g = answer.best_holdout, answer.holdout_gain
-    if not h["feasible"]:
+    if not h["feasible"] and h["tax"] > budget:
         answer.flag("holdout_over_budget", f"the holdout tax {h['tax']:.4g} is over the budget "
                                            f"{budget}" + _se(h["tax_se"])
                     + _noise(h["tax"], h["tax_se"], budget))
+    elif not h["feasible"]:  # under tax.confidence: the point is within, its bound is not
+        answer.flag("holdout_over_budget", f"the holdout tax {h['tax']:.4g}" + _se(h["tax_se"])
+                    + f" is within the budget {budget}, but its upper bound at tax.confidence "
+                      f"{confidence} is over it")
     if g is not None and g.mean < 0:
         answer.flag("holdout_gain_negative", f"on the holdout data the winner loses to the "
                                              f"best uniform ratio by {-g.mean:.4g}")
@@ -248,7 +267,8 @@ def _paired(a, b) -> Interval | None:
 
 def _noise(tax: float, se: float | None, budget: float) -> str:
     """Whether a tax over the budget is over it beyond its noise: its one-sided lower bound
-    at :data:`GAIN_LEVEL` above the budget (the pipelines keep such a run unpromoted)."""
+    at :data:`GAIN_LEVEL` above the budget (the pipelines apply the same test at
+    ``promote.confidence``, 0.95 by default, to keep a run unpromoted)."""
     if se is None:
         return ""
     low = lower_bound_of(tax, se, GAIN_LEVEL)

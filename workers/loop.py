@@ -306,7 +306,8 @@ class JobRun:
         result = search.result(base_cached=cached, base_seconds=base_seconds,
                                total_seconds=time.perf_counter() - t0,
                                on_batch=self.check_batch,
-                               on_trial=lambda rec: self.record(search, rec))
+                               on_trial=lambda rec: self.record(search, rec),
+                               worker=self.worker.id)
         if self.worker.lost:
             raise WorkerLost()
         with session_scope(self.url) as session:

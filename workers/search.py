@@ -35,7 +35,8 @@ Per trial (ask/tell, so that a caller can stop between trials and resume later):
   ``reward``, ``tax``, ``feasible``, ``metrics`` and ``task_tax`` (per task), ``stage``
   (1 = pruned after stage 1, 2 = complete), ``merge_seconds``, ``eval_seconds``, ``worker``
   (service); a uniform trial also ``uniform_ratio``; a warm trial ``warm_start`` (the vector
-  as given) and, on the refined ray, ``ray_scale`` (and ``refine`` for the steps). The
+  as given) and, on the refined ray, ``ray_scale`` (and ``refine`` for the steps); a
+  uniform trial the answer stage added (past the cap: workers/answer.py) ``answer_stage``. The
   study's user attributes hold the job (``hmaopt``) and, at the end, the ``result``.
 - After the search the best feasible ratio vector and the best feasible uniform α are
   re-measured on the holdout data.
@@ -180,6 +181,7 @@ class Search:
         #: this process's search-data measurements by trial number (per-record values)
         self.measured: dict[int, object] = {}
         self.on_trial: Callable[[TrialRecord], None] | None = None
+        self.worker: str | None = None  # the answer stage's trials' owner (result)
         self.stages = Stages(self)
         self.stages.enqueue_initial()
 
@@ -209,7 +211,8 @@ class Search:
         or running, the cap across workers). Call it under the job's "ask" lock where
         workers share the study; ``worker`` is stored on the trial (its owner)."""
         states = _TAKEN if self.live_running else _FINISHED
-        if self.storage.get_n_trials(self.study_id, states) >= self.spec.search.n_trials:
+        if self.storage.get_n_trials(self.study_id, states) - self.answer_stage_trials(states) \
+                >= self.spec.search.n_trials:
             return None
         self.stages.before_ask()
         if self.stages.exhausted():  # strategy gradient: its stages have run
@@ -218,6 +221,13 @@ class Search:
         if worker is not None:
             trial.set_user_attr("worker", worker)
         return trial
+
+    def answer_stage_trials(self, states=_FINISHED) -> int:
+        """Trials in ``states`` the answer stage added (:meth:`run_uniform`): not counted in
+        ``n_trials``, so a study resumed with a higher cap gets the sampler trials asked
+        for."""
+        return sum(bool(t.user_attrs.get("answer_stage"))
+                   for t in self.study.get_trials(deepcopy=False, states=states))
 
     def fail_orphans(self, hooks: TrialHooks) -> bool:
         """Fail the RUNNING trials of dead workers (their grid points go back in); True while
@@ -330,7 +340,9 @@ class Search:
         template = optuna.trial.create_trial(
             state=TrialState.RUNNING,
             system_attrs={"fixed_params": self.space.uniform_params(alpha)},
-            user_attrs={"kind": "uniform", "uniform_ratio": alpha, "answer_stage": True})
+            user_attrs={"kind": "uniform", "uniform_ratio": alpha, "answer_stage": True,
+                        # its owner: a peer's fail_orphans fails only a dead worker's trial
+                        **({"worker": self.worker} if self.worker is not None else {})})
         # through the study's own storage: for a database it is Optuna's caching wrapper,
         # which must know the trial before its parameters are set (Study.ask does the same)
         trial_id = self.study._storage.create_new_trial(self.study_id, template_trial=template)
@@ -367,11 +379,12 @@ class Search:
 
     def result(self, *, base_cached: bool, base_seconds: float, total_seconds: float,
                on_batch=None, on_trial: Callable[[TrialRecord], None] | None = None,
-               ) -> SearchResult:
+               worker: str | None = None) -> SearchResult:
         """Choose the answer (finalists on the validation data, held-out figures, paired
         gains: workers/answer.py) and store the result in the study. ``on_trial`` gets the
-        trials the answer stage adds (:meth:`run_uniform`), as the driver's hook does."""
-        self.on_trial = on_trial
+        trials the answer stage adds (:meth:`run_uniform`), as the driver's hook does;
+        ``worker`` is stored on them as their owner (the service's finalizer)."""
+        self.on_trial, self.worker = on_trial, worker
         answer = choose(self, self.records(), on_batch)
         records = self.records()  # with the answer stage's trials
         counts, seconds = summary(records, base_seconds=base_seconds, total_seconds=total_seconds)

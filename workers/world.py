@@ -139,28 +139,37 @@ def _train_lm(model, lines, tok, *, steps: int, lr: float, batch_size: int, seq_
     torch.manual_seed(seed)
     params = list(model.parameters()) if params is None else list(params)
     trained = {id(p) for p in params}
+    before = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():  # no gradients for the rest (and none left on them)
         p.requires_grad_(id(p) in trained)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / steps))
+        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(steps, 1)))
     model.train()
     losses = []
-    for step, (ids, labels) in enumerate(_batches(lines, tok, batch_size, seq_len, steps,
-                                                  random.Random(seed)), start=1):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress and (step % 50 == 0 or step == steps):
-            progress(stage, step, steps, sum(losses[-50:]) / len(losses[-50:]))
-    for p in model.parameters():
-        p.requires_grad_(True)
+    try:
+        for step, (ids, labels) in enumerate(_batches(lines, tok, batch_size, seq_len, steps,
+                                                      random.Random(seed)), start=1):
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress and (step % 50 == 0 or step == steps):
+                progress(stage, step, steps, sum(losses[-50:]) / len(losses[-50:]))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(before[id(p)])
     model.eval()
     return losses
+
+
+def _tail_mean(losses: Sequence[float]) -> float | None:
+    """The mean of the last 50 losses (None for a stage of 0 steps)."""
+    tail = losses[-50:]
+    return sum(tail) / len(tail) if tail else None
 
 
 def top_parameters(model, n_layers: int, top: int) -> list:
@@ -380,10 +389,10 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
                    if not (k == "arch" and v == "llama")},
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
-        "losses": {"pretrain_final": sum(pre_losses[-50:]) / 50,
-                   "chat_final": sum(chat_losses[-50:]) / len(chat_losses[-50:]),
-                   "align_final": sum(align_losses[-50:]) / len(align_losses[-50:]),
-                   "reward_final": sum(rm_losses[-50:]) / 50},
+        "losses": {"pretrain_final": _tail_mean(pre_losses),
+                   "chat_final": _tail_mean(chat_losses),
+                   "align_final": _tail_mean(align_losses),
+                   "reward_final": _tail_mean(rm_losses)},
         "skills": {"base": base_scores, "aligned": aligned_scores},
         "reward": {k: sum(v) / len(v) for k, v in per_prompt.items()},
         "sizes": {name: {"job": len(records), "fresh": len(data.fresh[name])}

@@ -71,7 +71,9 @@ class ErrorBody(BaseModel):
 
 
 class Progress(BaseModel):
-    trials_finished: int = Field(description="complete or pruned trials, the baseline included")
+    trials_finished: int = Field(description="complete or pruned trials, the baseline included, "
+                                 "and the answer stage's uniform trials (past n_trials: "
+                                 "search.pooled_uniform_trials)")
     trials_pruned: int
     n_trials: int
     fraction: float

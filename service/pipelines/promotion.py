@@ -174,7 +174,8 @@ def remeasure_champion(settings: Settings, s, p: Pipeline, run: PipelineRun,
                 mean_ratio=None,
                 search={**spec["search"], "uniform_grid": [1.0], "n_trials": 2,
                         "warm_start": None, "workers": 1, "baseline": "grid",
-                        "strategy": "optuna", "walk_steps": 0})
+                        "strategy": "optuna", "walk_steps": 0,
+                        "pooled_uniform_trials": 0})  # only its α 1 point is read
     resolved = resolve_job_paths(JobSpec.model_validate(spec), settings)
     row, _ = job_db.create_job(s, resolved.model_dump(mode="json"), n_trials=2,
                                submitted_by=f"pipeline:{p.name}")

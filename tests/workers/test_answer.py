@@ -189,17 +189,15 @@ def test_feasibility_pools_the_search_and_validation_tax_so_the_baseline_stays_n
 
 @dataclass
 class _TuningSearch(_Search):
-    """A search that can add uniform trials (``run_uniform``) on a constructed tax curve: the
-    validation records cost more tax than the search ones (0.2 α against 0.14 α), as a split
-    can, for every merge alike."""
+    """A search that can add uniform trials (``run_uniform``) on a constructed tax curve that
+    rises faster than linearly, as vanilla averaging's does: 0.2 α² on the search records and
+    0.3 α² on the validation ones (a split whose validation part costs every merge more)."""
 
     added: list = field(default_factory=list)
 
     def run_uniform(self, alpha, on_batch=None):
         number = 100 + len(self.added)
-        ms = {"search": _m([4 * alpha] * 4, 0.14 * alpha),
-              "validation": _m([4 * alpha] * 4, 0.2 * alpha),
-              "holdout": _m([4 * alpha] * 4, 0.14 * alpha)}
+        _, _, _, ms = _uniform_case(alpha, number)
         for part, m in ms.items():
             self.evaluator.parts[((alpha, alpha), part)] = m
         self.measured[number] = ms["search"]
@@ -209,8 +207,15 @@ class _TuningSearch(_Search):
 
 def _uniform_case(alpha, number):
     return (number, "uniform", [alpha, alpha], {
-        "search": _m([4 * alpha] * 4, 0.14 * alpha), "validation": _m([4 * alpha] * 4, 0.2 * alpha),
-        "holdout": _m([4 * alpha] * 4, 0.14 * alpha)})
+        "search": _m([4 * alpha] * 4, 0.2 * alpha ** 2),
+        "validation": _m([4 * alpha] * 4, 0.3 * alpha ** 2),
+        "holdout": _m([4 * alpha] * 4, 0.2 * alpha ** 2)})
+
+
+def _block(number, tax, validation_tax):
+    return (number, "search", [0.3, 0.9 + number / 1000],
+            {"search": _m([3, 3, 3, 3], tax), "validation": _m([3, 3, 3, 2], validation_tax),
+             "holdout": _m([3, 3, 2, 3], tax)})
 
 
 def test_the_baseline_is_tuned_to_the_budget_on_the_pooled_records():
@@ -218,25 +223,56 @@ def test_the_baseline_is_tuned_to_the_budget_on_the_pooled_records():
     pooled ones: the answer stage adds uniform trials on a secant of the pooled tax (α 0, tax
     0 to the lowest α over), and the baseline is the best of them within the budget, not an
     α the answer's rule refuses."""
-    cases = {
-        "block": (9, "search", [0.3, 0.9], {"search": _m([3, 3, 3, 3], 0.09),
-                                            "validation": _m([3, 3, 3, 2], 0.095),
-                                            "holdout": _m([3, 3, 2, 3], 0.09)}),
-        "u70": _uniform_case(0.7, 5), "u65": _uniform_case(0.65, 4),
-    }
+    cases = {"block": _block(9, 0.09, 0.095), "u70": _uniform_case(0.7, 5),
+             "u65": _uniform_case(0.65, 4)}
     search, records = _world(cases)
     tuning = _TuningSearch(search.spec, search.evaluator, search.merger, search.measured)
     a = choose(tuning, records)
-    # pooled tax 0.17 α: α 0.65 is at 0.1105. The secant from (0, 0) gives 0.5882, held a
-    # tenth of the bracket inside: 0.585 (pooled 0.09945, within); then the secant between
-    # 0.585 and 0.65 gives 0.58824, held inside [0.5915, 0.6435]: 0.5915 (0.10055, over)
-    assert tuning.added == pytest.approx([0.585, 0.5915])
-    assert a.uniform.number == 100 and a.uniform.ratios == pytest.approx([0.585, 0.585])
+
+    def pooled(alpha):  # 100 tax records on each part: the mean of the two curves
+        return 0.25 * alpha ** 2
+
+    # the secant from (0, 0) to (0.65, pooled 0.105625), then between that point and 0.65
+    first = round(0.65 * 0.1 / pooled(0.65), 6)
+    second = round(first + (0.1 - pooled(first)) * (0.65 - first) / (pooled(0.65) - pooled(first)), 6)
+    assert tuning.added == pytest.approx([first, second]) and pooled(second) <= 0.1
+    assert a.uniform.number == 101 and a.uniform.ratios == pytest.approx([second, second])
     assert a.best.number == 9 and "uniform_over_budget" not in {f["code"] for f in a.flags}
     added = {f["trial"]: f for f in a.finalists if f["trial"] >= 100}
-    assert added[100]["validation_feasible"] and not added[101]["validation_feasible"]
-    assert a.holdout_gain.mean == pytest.approx(2.75 - 4 * 0.585)
-    # a search that cannot add trials keeps the search rule's uniform ratio, and says so
+    assert added[100]["validation_feasible"] and added[101]["validation_feasible"]
+    assert a.holdout_gain.mean == pytest.approx(2.75 - 4 * second)
+    # with search.pooled_uniform_trials 0, or a search that cannot add trials, the search
+    # rule's uniform ratio stays, and the result says so
+    for s, spec in ((search, search.spec), (tuning, search.spec.model_copy(update={
+            "search": search.spec.search.model_copy(update={"pooled_uniform_trials": 0})}))):
+        s.spec = spec
+        a = choose(s, records)
+        assert a.uniform.number == 5 and "uniform_over_budget" in {f["code"] for f in a.flags}
+
+
+def test_when_the_best_finalists_all_fail_the_pooled_tax_the_next_ones_are_measured():
+    """The three best search rewards sit at the budget's edge and over it pooled; the fourth
+    has tax to spare: it is measured and wins over the uniform ratio."""
+    cases = {f"edge{n}": _block(n, 0.099, 0.11) for n in (10, 11, 12)}
+    cases["spare"] = (13, "search", [0.2, 0.8], {"search": _m([2.5] * 4, 0.07),
+                                                 "validation": _m([2.5] * 4, 0.08),
+                                                 "holdout": _m([2.5] * 4, 0.07)})
+    cases["u50"] = (4, "uniform", [0.5, 0.5], {"search": _m([2] * 4, 0.05),
+                                               "validation": _m([2] * 4, 0.06),
+                                               "holdout": _m([2] * 4, 0.05)})
+    search, records = _world(cases)
     a = choose(search, records)
-    assert a.uniform.number == 5
-    assert "uniform_over_budget" in {f["code"] for f in a.flags}
+    assert a.best.number == 13 and a.uniform.number == 4 and a.chosen_by == "validation"
+    measured = [f["trial"] for f in a.finalists]
+    assert set(measured) == {10, 11, 12, 13, 4}  # the next one only, then it stopped
+
+
+def test_under_tax_confidence_a_holdout_tax_within_the_budget_but_not_its_bound_is_flagged():
+    search, records = _world({
+        "best": (4, "search", [0.7, 0.7], {"search": _m([2, 2, 2, 2], 0.05),
+                                           "validation": _m([2, 2, 2, 2], 0.05),
+                                           "holdout": _m([2, 2, 2, 2], 0.095, tax_se=0.01)}),
+    }, confidence=0.95)
+    flags = {f["code"]: f["message"] for f in choose(search, records).flags}
+    assert "is within the budget 0.1, but its upper bound at tax.confidence 0.95 is over it" \
+        in flags["holdout_over_budget"]

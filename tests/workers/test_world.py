@@ -92,17 +92,26 @@ def test_reward_prompts_cover_the_trained_forms_and_are_half_about_names():
 
 
 def test_build_is_deterministic(tmp_path):
-    build_world(tmp_path / "w1", WorldConfig(**TINY))
-    build_world(tmp_path / "w2", WorldConfig(**TINY))
+    cfg = dict(TINY, align_layers=1)  # the preference stage on the top one of 2 layers
+    build_world(tmp_path / "w1", WorldConfig(**cfg))
+    build_world(tmp_path / "w2", WorldConfig(**cfg))
     for model in ("base", "aligned", "reward"):
         t1, t2 = read_folder(tmp_path / "w1/models" / model), read_folder(tmp_path / "w2/models" / model)
         assert t1.keys() == t2.keys()
         assert all((t1[k] == t2[k]).all() for k in t1)
-    # both stages moved the model: the chat stage every layer, the preference stage the top
-    base, aligned = read_folder(tmp_path / "w1/models/base"), read_folder(tmp_path / "w1/models/aligned")
-    assert all(not (base[k] == aligned[k]).all() for k in base if "layers.0." in k or "layers.1." in k)
+    # the chat stage moved every layer; the preference stage only the top layer, the final
+    # norm and the head: against a build without it (0 steps), the rest is bit for bit equal
+    build_world(tmp_path / "w3", WorldConfig(**dict(cfg, align_steps=0)))
+    base = read_folder(tmp_path / "w1/models/base")
+    aligned = read_folder(tmp_path / "w1/models/aligned")
+    chat_only = read_folder(tmp_path / "w3/models/aligned")
+    assert all(not (base[k] == chat_only[k]).all() for k in base if "layers.0." in k)
+    top = ("model.layers.1.", "model.norm.", "lm_head.")
+    for k in base:
+        assert (aligned[k] == chat_only[k]).all() != k.startswith(top), k
     info = json.loads((tmp_path / "w1/world.json").read_text())
-    assert info["version"] == 4 and {"chat_final", "align_final"} <= info["losses"].keys()
+    assert info["version"] == 4 and info["losses"]["align_final"] is not None
+    assert json.loads((tmp_path / "w3/world.json").read_text())["losses"]["align_final"] is None
     spec = load_spec(tmp_path / "w1/spec.yaml")
     assert spec.groups.describe() == "blocks:3" and spec.reward.type == "reward_model"
     assert (tmp_path / "w1/world.json").is_file() and not (tmp_path / ".w1.building").exists()
