@@ -125,7 +125,8 @@ def main() -> None:
             "best_search_reward": best.reward, "best_holdout_reward": result.best_holdout["reward"],
             "best_reward_se": best.reward_se, "best_tax": best.tax,
             "best_holdout_tax": result.best_holdout["tax"], "flags": result.flags,
-            "answer_kind": best.kind, "finalists": result.finalists, "finalists_lost": why})
+            "answer_kind": best.kind, "finalists": result.finalists, "finalists_lost": why,
+            "uniform": uniform.number, "uniform_ratio": uniform.ratios[0]})
         rows.append([seed, best.number, f"{result.gain:+.3f}",
                      f"{hg.mean:+.3f} [{hg.lo:+.3f}, {hg.hi:+.3f}]",
                      f"{fg.mean:+.3f} [{fg.lo:+.3f}, {fg.hi:+.3f}]", "yes" if covered else "no",
