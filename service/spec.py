@@ -218,7 +218,7 @@ class SearchSpec(BaseModel):
                            "reward measured on the validation data (plus the two best "
                            "uniform ratios)")
     pooled_uniform_trials: int = Field(
-        2, ge=0, le=6, description="uniform trials the answer stage may add, past n_trials, "
+        3, ge=0, le=6, description="uniform trials the answer stage may add, past n_trials, "
         "to tune vanilla averaging to the budget on the search and validation tax pooled when "
         "no uniform finalist is within it there (the baseline then obeys the answer's own "
         "rule); 0: never")

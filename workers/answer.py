@@ -10,8 +10,8 @@ what the winner does elsewhere (the winner's curse). After the trials:
    search and validation tax records pooled (the pooled tax's upper bound at
    ``tax.confidence`` when set: see :func:`_pooled_tax`); the best uniform ratio likewise
    among the uniform finalists, by the same rule; when none of those is feasible there,
-   up to two uniform trials are added, tuned to the budget on the pooled records
-   (:func:`_pooled_uniform`). Without validation data
+   up to ``search.pooled_uniform_trials`` uniform trials are added, tuned to the budget
+   on the pooled records (:func:`_pooled_uniform`). Without validation data
    (``validation_fraction: 0``), or when no finalist is feasible there (flagged), the
    search figures decide, as before.
 3. The winner and the best uniform ratio are measured on the holdout data, which played no
@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 UNIFORM_FINALISTS = 2
 #: the level of the gain intervals
 GAIN_LEVEL = 0.95
-#: the narrowest α bracket the answer stage's uniform trials step in
+#: the narrowest α bracket the answer stage's uniform trials step in, and how close under
+#: the budget (a share of it) a uniform ratio within it ends their steps
 MIN_STEP = 0.005
+CLOSE = 0.005
 
 
 def part_dict(m, budget: float, confidence: float | None) -> dict:
@@ -172,10 +174,12 @@ def _pooled_uniform(search, scored: list, score, budget: float, on_batch) -> Non
     gain inflated). Instead up to ``search.pooled_uniform_trials`` uniform trials are added
     (``search.run_uniform``), each a secant step on the pooled tax's bound between the
     highest α within the budget (θ_base, α 0 and tax 0, to begin with) and the lowest over
-    it, held a fiftieth of the bracket inside (the tax rises faster than linearly in α, so a
-    secant from α 0 lands under the budget: no wider margin is needed); each is scored as a
-    finalist. Not under ``mean_ratio`` (the uniform ratio is fixed) or ``ratio_bounds``
-    above 0 (no α 0)."""
+    it, each scored as a finalist, until one within the budget is within 0.5 % of it or the
+    bracket is narrower than :data:`MIN_STEP` (the bisection's rules, workers/ray.py). The
+    first step, from α 0, is held a fiftieth of the bracket inside (the tax rises faster
+    than linearly in α, so that secant lands under the budget), the next ones a tenth
+    (between two measured points noise can carry a secant past the budget). Not under
+    ``mean_ratio`` (the uniform ratio is fixed) or ``ratio_bounds`` above 0 (no α 0)."""
     run = getattr(search, "run_uniform", None)
     spec = search.spec
     uniform = [(r, v) for r, v in scored if r.kind == "uniform"]
@@ -184,13 +188,14 @@ def _pooled_uniform(search, scored: list, score, budget: float, on_batch) -> Non
         return
     lo = (0.0, 0.0)
     hi = min((r.ratios[0], v["bound"]) for r, v in uniform)
-    for _ in range(spec.search.pooled_uniform_trials):
+    for step in range(spec.search.pooled_uniform_trials):
         (a0, t0), (a1, t1) = lo, hi
         width = a1 - a0
-        if width <= MIN_STEP or t1 <= t0:
+        if width <= MIN_STEP or t1 <= t0 or t0 >= budget * (1 - CLOSE):
             return
         alpha = a0 + (budget - t0) * width / (t1 - t0)
-        alpha = round(min(max(alpha, a0 + width / 50), a1 - width / 50), 6)
+        margin = width / (50 if step == 0 else 10)
+        alpha = round(min(max(alpha, a0 + margin), a1 - margin), 6)
         record = run(alpha, on_batch)
         v = score(record)
         if v["feasible"]:

@@ -194,10 +194,10 @@ def test_search_on_the_reference_world_beats_vanilla_averaging(world, tmp_path):
     assert r["best"]["reward"] >= r["best_uniform"]["reward"]
     assert r["best"]["holdout"]["reward"] is not None
     study = optuna.load_study(study_name="hmaopt:reference-world", storage=url)
-    # 24, and at most 2 uniform trials the answer stage added (vanilla averaging tuned to the
+    # 24, and at most 3 uniform trials the answer stage added (vanilla averaging tuned to the
     # budget on the pooled search + validation tax: workers/answer.py)
     added = [t for t in study.trials if t.user_attrs.get("answer_stage")]
-    assert len(study.trials) - len(added) == 24 and len(added) <= 2
+    assert len(study.trials) - len(added) == 24 and len(added) <= 3
     assert all(t.user_attrs["kind"] == "uniform" for t in added)
     assert study.user_attrs["result"]["best"]["trial"] == r["best"]["trial"]
     best = study.trials[r["best"]["trial"]]
@@ -286,7 +286,7 @@ def test_search_runs_on_the_gpt2_world(gpt2_worlds, tmp_path):
     assert r["slots"] == ["block0", "block1", "block2"]
     assert r["stages"]["gradient"]["evaluations"] >= 1
     study = optuna.load_study(study_name="hmaopt:gpt2-world", storage=url)
-    added = sum(bool(t.user_attrs.get("answer_stage")) for t in study.trials)  # at most 2
-    assert len(study.trials) == 8 + added and added <= 2
+    added = sum(bool(t.user_attrs.get("answer_stage")) for t in study.trials)  # at most 3
+    assert len(study.trials) == 8 + added and added <= 3
     assert sum(s["evaluations"] for s in r["stages"].values()) == 8 + added
     assert r["gradient"]["seconds"] > 0 and len(r["gradient"]["ratios"]) == 3
