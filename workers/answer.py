@@ -125,6 +125,8 @@ def choose(search, records: list[TrialRecord], on_batch=None) -> Answer:
             score(r)
         _more_finalists(feasible, scored, score, spec.search.finalists)
         _pooled_uniform(search, scored, score, budget, on_batch)
+        for _, v in scored:  # the bound served the steps; the result shows the figures
+            del v["bound"]
         answer.chosen_by = "validation"
         ok = [(r, v) for r, v in scored if v["feasible"]]
         if ok:

@@ -238,6 +238,7 @@ def test_the_baseline_is_tuned_to_the_budget_on_the_pooled_records():
     assert tuning.added == pytest.approx([first, second]) and pooled(second) <= 0.1
     assert a.uniform.number == 101 and a.uniform.ratios == pytest.approx([second, second])
     assert a.best.number == 9 and "uniform_over_budget" not in {f["code"] for f in a.flags}
+    assert "bound" not in a.best_validation and "bound" not in a.uniform_validation
     added = {f["trial"]: f for f in a.finalists if f["trial"] >= 100}
     assert added[100]["validation_feasible"] and added[101]["validation_feasible"]
     assert a.holdout_gain.mean == pytest.approx(2.75 - 4 * second)
