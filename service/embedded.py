@@ -40,6 +40,13 @@ WATCH_SECONDS = 1.0
 WORKER_STEADY_SECONDS = 60.0
 
 
+def worker_command(*args: str) -> list[str]:
+    """The command line of a local worker. ``-P``: the working directory is not put on
+    sys.path, so a folder there named like a module (``hmaopt demo --dir .`` makes
+    ``service/``) cannot shadow the installed package."""
+    return [sys.executable, "-P", "-m", "service.cli", "worker", *args]
+
+
 class EmbeddedStack:
     def __init__(self, settings: Settings, *, workers: int = 1, device: str = "auto",
                  log_dir: Path | None = None) -> None:
@@ -154,8 +161,8 @@ class EmbeddedStack:
         env.setdefault("HMAOPT_LOG_LEVEL", "INFO")
         device = self.device if self.n_workers == 1 or self.device != "cuda" else f"cuda:{index}"
         out = open(self.log_dir / f"worker-{index}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--device", device,
-                                 "--name", f"local-{index}"], env=env, stdout=out,
+        proc = subprocess.Popen(worker_command("--device", device, "--name", f"local-{index}"),
+                                env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=die_with_parent)
         out.close()

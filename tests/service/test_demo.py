@@ -42,3 +42,15 @@ def test_demo_runs_the_world_job_over_rest(tmp_path, world):
     assert study.user_attrs["result"]["feasible"]
     # everything it started has stopped
     assert not (tmp_path / "demo" / "service" / "redis.url").exists()
+
+
+def test_a_local_worker_starts_from_a_folder_holding_a_service_folder(tmp_path):
+    """`hmaopt demo --dir .` puts service/ (with valkey/ in it) in the working directory: the
+    worker's command must still import the installed package, not that folder."""
+    from service.embedded import worker_command
+
+    (tmp_path / "service" / "valkey").mkdir(parents=True)
+    proc = subprocess.run(worker_command("--help"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "worker" in proc.stdout
