@@ -211,8 +211,10 @@ class Search:
         or running, the cap across workers). Call it under the job's "ask" lock where
         workers share the study; ``worker`` is stored on the trial (its owner)."""
         states = _TAKEN if self.live_running else _FINISHED
-        if self.storage.get_n_trials(self.study_id, states) - self.answer_stage_trials(states) \
-                >= self.spec.search.n_trials:
+        cap = self.spec.search.n_trials
+        taken = self.storage.get_n_trials(self.study_id, states)
+        # the answer stage's trials (past the cap) are read only when the cap looks reached
+        if taken >= cap and taken - self.answer_stage_trials(states) >= cap:
             return None
         self.stages.before_ask()
         if self.stages.exhausted():  # strategy gradient: its stages have run
