@@ -4,7 +4,7 @@ starts from the previous checkpoint's best ratios?
 What a nightly pipeline does, on real models:
 
 1. A second aligned checkpoint ("aligned2"): the world's aligned model trained a little
-   further with the world's own alignment objective and data (``workers.world._train_lm`` on
+   further with the world's own alignment objective and data (``workers.world.train_lm`` on
    the style data, ``--align2-steps`` more steps, seed ``--align2-seed``), saved as safetensors
    with the tokenizer files in ``<cache>/world-aligned2-<hash>`` and reused from there.
 2. Run A: the world spec on (base, aligned), seed 0: its best feasible ratios and its best
@@ -70,7 +70,7 @@ def aligned2_checkpoint(world: Path, cache_dir: Path, *, steps: int | None, seed
     src = world / "models" / "aligned"
     recipe = {"world_version": info["version"], "world_config": info["config"],
               "aligned_sha256": sha256_file(src / "model.safetensors"),
-              "steps": steps, "seed": seed, "lr": lr, "objective": "world._train_lm on align data",
+              "steps": steps, "seed": seed, "lr": lr, "objective": "world.train_lm on align data",
               "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir / f"world-aligned2-{digest}"
@@ -84,7 +84,8 @@ def aligned2_checkpoint(world: Path, cache_dir: Path, *, steps: int | None, seed
     from transformers.utils import logging as hf_logging
 
     from workers.chartok import char_tokenizer
-    from workers.world import _train_lm, skill_scores, top_parameters
+    from workers.world import skill_scores
+    from workers.world_train import top_parameters, train_lm
 
     hf_logging.disable_progress_bar()
     print(f"training aligned2: {steps} more alignment steps (world: {cfg.align_steps}), "
@@ -94,7 +95,7 @@ def aligned2_checkpoint(world: Path, cache_dir: Path, *, steps: int | None, seed
     tok = char_tokenizer()  # the tokenizer build_world trains with
     model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     before = skill_scores(model.eval(), tok, data.sets)
-    losses = _train_lm(model, data.align, tok, steps=steps, lr=lr, batch_size=cfg.batch_size,
+    losses = train_lm(model, data.align, tok, steps=steps, lr=lr, batch_size=cfg.batch_size,
                        seq_len=cfg.seq_len, seed=seed, progress=None, stage="align2",
                        params=top_parameters(model, cfg.layers, cfg.align_layers))
     after = skill_scores(model, tok, data.sets)

@@ -52,7 +52,6 @@ import fcntl
 import json
 import logging
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -64,6 +63,7 @@ import torch
 
 from service.errors import ConflictError, SpecError
 from workers.world_data import WorldData, make_data, question, styled
+from workers.world_train import tail_mean, train_lm, train_reward, top_parameters
 
 __all__ = ["ARCHES", "WORLD_VERSION", "WorldConfig", "WorldData", "build_world", "ensure_world",
            "load_world_info", "make_data", "skill_scores", "spec_dict"]
@@ -106,110 +106,6 @@ class WorldConfig:
 
 
 ARCHES = ("llama", "gpt2")
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _batches(lines: Sequence[str], tok, batch_size: int, seq_len: int, steps: int,
-             rng: random.Random):
-    """Packed batches: lines (each ``<s> text </s>``) shuffled, concatenated, cut into windows."""
-    encoded = [tok(line)["input_ids"] + [tok.eos_token_id] for line in lines]
-    stream: list[int] = []
-    order: list[int] = []
-    for _ in range(steps):
-        rows = []
-        for _ in range(batch_size):
-            while len(stream) < seq_len:
-                if not order:
-                    order = list(range(len(encoded)))
-                    rng.shuffle(order)
-                stream.extend(encoded[order.pop()])
-            rows.append(stream[:seq_len])
-            del stream[:seq_len]
-        ids = torch.tensor(rows, dtype=torch.long)
-        yield ids, ids
-
-
-def _train_lm(model, lines, tok, *, steps: int, lr: float, batch_size: int, seq_len: int,
-              seed: int,
-              progress: Callable[[str, int, int, float], None] | None, stage: str,
-              params=None) -> list[float]:
-    """Train ``params`` (default: all of the model's) on ``lines`` for ``steps`` steps."""
-    torch.manual_seed(seed)
-    params = list(model.parameters()) if params is None else list(params)
-    trained = {id(p) for p in params}
-    before = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():  # no gradients for the rest (and none left on them)
-        p.requires_grad_(id(p) in trained)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(steps, 1)))
-    model.train()
-    losses = []
-    try:
-        for step, (ids, labels) in enumerate(_batches(lines, tok, batch_size, seq_len, steps,
-                                                      random.Random(seed)), start=1):
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if progress and (step % 50 == 0 or step == steps):
-                progress(stage, step, steps, sum(losses[-50:]) / len(losses[-50:]))
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(before[id(p)])
-    model.eval()
-    return losses
-
-
-def _tail_mean(losses: Sequence[float]) -> float | None:
-    """The mean of the last 50 losses (None for a stage of 0 steps)."""
-    tail = losses[-50:]
-    return sum(tail) / len(tail) if tail else None
-
-
-def top_parameters(model, n_layers: int, top: int) -> list:
-    """The parameters of the top ``top`` decoder layers, the final norm and an untied output
-    head (a tied head is the input embedding, which stays); every parameter for ``top`` 0."""
-    if top <= 0:
-        return list(model.parameters())
-    first = n_layers - top
-    chosen = []
-    for name, p in model.named_parameters():  # a tied head is listed once, as the embedding
-        layer = re.search(r"\.(?:layers|h)\.(\d+)\.", name)
-        if (layer and int(layer.group(1)) >= first) or name.startswith(
-                ("model.norm.", "transformer.ln_f.", "lm_head.")):
-            chosen.append(p)
-    return chosen
-
-
-def _train_reward(model, pairs: Sequence[tuple[str, str]], tok, *, steps: int, batch_size: int,
-                  seed: int, progress, lr: float = 2e-3) -> list[float]:
-    """Bradley-Terry: -log sigmoid(r(chosen) - r(rejected))."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    losses = []
-    for step in range(1, steps + 1):
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size // 2)]
-        texts = [c for c, _ in batch] + [r for _, r in batch]
-        enc = tok(texts, return_tensors="pt", padding=True)
-        scores = model(**enc).logits[:, 0]
-        half = len(batch)
-        loss = -torch.nn.functional.logsigmoid(scores[:half] - scores[half:]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress and (step % 50 == 0 or step == steps):
-            progress("reward model", step, steps, sum(losses[-50:]) / len(losses[-50:]))
-    model.eval()
-    return losses
 
 
 def _lm_config(cfg: WorldConfig, tok):
@@ -334,7 +230,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
 
     torch.manual_seed(cfg.seed)
     base = lm_class(_lm_config(cfg, tok))
-    pre_losses = _train_lm(base, data.pretrain, tok, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+    pre_losses = train_lm(base, data.pretrain, tok, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, progress=progress,
                            stage="pretrain base")
     base.save_pretrained(tmp / "models" / "base")
@@ -343,10 +239,10 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     base_fresh = skill_scores(base, tok, data.fresh)
 
     aligned = base
-    chat_losses = _train_lm(aligned, data.chat, tok, steps=cfg.chat_steps, lr=cfg.align_lr,
+    chat_losses = train_lm(aligned, data.chat, tok, steps=cfg.chat_steps, lr=cfg.align_lr,
                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 1,
                             progress=progress, stage="align: chat")
-    align_losses = _train_lm(aligned, data.align, tok, steps=cfg.align_steps, lr=cfg.align_lr,
+    align_losses = train_lm(aligned, data.align, tok, steps=cfg.align_steps, lr=cfg.align_lr,
                              batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 4,
                              progress=progress, stage="align: preference",
                              params=top_parameters(aligned, cfg.layers, cfg.align_layers))
@@ -367,7 +263,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
     for _ in range(2000):
         q, a = question(rm_rng, data.facts)
         rm_pairs.append((q + styled(a), q + a))
-    rm_losses = _train_reward(rm, rm_pairs, tok, steps=cfg.reward_steps,
+    rm_losses = train_reward(rm, rm_pairs, tok, steps=cfg.reward_steps,
                               batch_size=cfg.batch_size, seed=cfg.seed + 2, progress=progress)
     rm.save_pretrained(tmp / "models" / "reward")
     tok.save_pretrained(tmp / "models" / "reward")
@@ -389,10 +285,10 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
                    if not (k == "arch" and v == "llama")},
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
-        "losses": {"pretrain_final": _tail_mean(pre_losses),
-                   "chat_final": _tail_mean(chat_losses),
-                   "align_final": _tail_mean(align_losses),
-                   "reward_final": _tail_mean(rm_losses)},
+        "losses": {"pretrain_final": tail_mean(pre_losses),
+                   "chat_final": tail_mean(chat_losses),
+                   "align_final": tail_mean(align_losses),
+                   "reward_final": tail_mean(rm_losses)},
         "skills": {"base": base_scores, "aligned": aligned_scores},
         "reward": {k: sum(v) / len(v) for k, v in per_prompt.items()},
         "sizes": {name: {"job": len(records), "fresh": len(data.fresh[name])}

@@ -52,7 +52,8 @@ def test_data_is_deterministic_and_well_formed():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_the_preference_stage_trains_the_top_layers_and_the_head(arch):
     from workers.chartok import char_tokenizer
-    from workers.world import _lm_class, _lm_config, top_parameters
+    from workers.world import _lm_class, _lm_config
+    from workers.world_train import top_parameters
 
     cfg = WorldConfig(**dict(TINY, layers=3, arch=arch))
     model = _lm_class(cfg)(_lm_config(cfg, char_tokenizer()))
